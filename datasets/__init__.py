@@ -1,0 +1,1 @@
+"""Datasets: the embedded phantoms and exact-format adapters for real datasets (one file each)."""

@@ -1,0 +1,102 @@
+"""``medbench bench``: a grid of methods x tasks x label fractions x seeds, resumable cell by cell.
+
+Each cell is an ordinary ``run``; a cell whose JSON already exists is skipped, so an interrupted bench
+picks up where it stopped and several bench processes can share one results folder (each cell is one file,
+renamed into place). Pre-trained checkpoints are cached, so seeds and fractions reuse one pre-training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from . import results
+from .config import compose
+from .run import evaluate, with_corpus
+
+log = logging.getLogger("medvlp_bench")
+
+
+@dataclass
+class BenchReport:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    leaderboard: pd.DataFrame | None = None
+    seconds: float = 0.0
+
+
+def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
+    """The override lists of every cell of the suite, in a cache-friendly order (method, task, seed)."""
+    s = cfg.suite
+    fractions = list(s.get("label_fractions") or [None])
+    protocols = list(s.get("protocols") or [None])
+    out = []
+    for method in s.methods:
+        for task in s.tasks:
+            for seed in s.seeds:
+                for protocol in protocols:
+                    for frac in fractions:
+                        ov = [f"method={method}", f"task={task}", f"seed={seed}"]
+                        ov += [f"task.label_fraction={frac}"] if frac is not None else []
+                        ov += [f"task.protocol={protocol}"] if protocol is not None else []
+                        out.append(ov + list(s.get("overrides") or []) + passthrough)
+    return out
+
+
+def applicable(task_cfg: DictConfig, protocol: str | None) -> bool:
+    """Protocol lists apply to classification tasks only; other kinds keep their own protocol."""
+    return protocol is None or "classification" in str(task_cfg.get("_target_", ""))
+
+
+def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
+    report = BenchReport()
+    t0 = time.time()
+    runs = Path(cfg.paths.results_dir) / "runs"
+    grid = cells(cfg, passthrough)
+    seen: set[str] = set()
+    for i, ov in enumerate(grid, 1):
+        run_cfg = compose("run", ov)
+        protocol = next((o.split("=", 1)[1] for o in ov if o.startswith("task.protocol=")), None)
+        if not applicable(run_cfg.task, protocol):
+            continue
+        t = run_cfg.task
+        name = results.cell_name(run_cfg.names.method, run_cfg.names.task, str(t.protocol),
+                                 float(t.label_fraction), int(run_cfg.seed))
+        if name in seen:
+            continue
+        seen.add(name)
+        if results.cell_exists(runs, name):
+            report.skipped.append(name)
+            continue
+        log.info("[%d/%d] %s", i, len(grid), name)
+        try:
+            evaluate(with_corpus(run_cfg, ov))
+            report.done.append(name)
+        except Exception as e:  # one broken cell must not lose the others
+            if cfg.get("fail_fast", False):
+                raise
+            log.exception("cell %s failed", name)
+            report.failed[name] = f"{type(e).__name__}: {e}"
+    report.leaderboard = results.write_leaderboard(Path(cfg.paths.results_dir))
+    report.seconds = time.time() - t0
+    return report
+
+
+def suite_overrides(root_overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Split CLI overrides into those for the bench root (suite, paths, fail_fast) and per-cell ones."""
+    own = ("suite=", "fail_fast=", "paths.", "+suite.", "suite.")
+    mine = [o for o in root_overrides if o.startswith(own)]
+    return mine, [o for o in root_overrides if o not in mine]
+
+
+def compose_bench(overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    mine, rest = suite_overrides(overrides)
+    cfg = compose("bench", mine)
+    paths = [o for o in mine if o.startswith("paths.")]
+    return cfg, paths + rest

@@ -1,0 +1,69 @@
+"""Method checkpoints as safetensors + JSON config: loading never unpickles anything.
+
+A checkpoint folder holds ``model.safetensors`` (the state dict) and ``config.json`` (the method's resolved
+``model`` config, used to rebuild the module through the ``_target_`` allow-list, plus provenance).
+Folders are written under a temporary name and renamed, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, model_cfg: dict[str, Any], folder: Path, info: dict[str, Any] | None = None) -> str:
+    """Write ``folder/{model.safetensors,config.json}`` atomically; return the weights' sha256."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        sha = file_sha256(tmp / WEIGHTS)
+        payload = {"model": model_cfg, "weights_sha256": sha, **(info or {})}
+        (tmp / CONFIG).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sha
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / WEIGHTS).is_file() and (Path(folder) / CONFIG).is_file()
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable checkpoint config {path}: {e}") from e
+
+
+def load_weights(model: nn.Module, folder: Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load ``model.safetensors`` into ``model``; return (missing, unexpected) keys when not strict."""
+    path = Path(folder) / WEIGHTS if Path(folder).is_dir() else Path(folder)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=strict)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot load weights from {path}: {e}") from e
+    return list(missing), list(unexpected)

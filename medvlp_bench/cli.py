@@ -1,0 +1,132 @@
+"""``medbench``: run | pretrain | bench | leaderboard | list.
+
+Overrides are Hydra-style (``method=clip task=phantom_cxr_cls seed=1 trainer=gpu method.model.lr=3e-4``).
+Lightning's DDP launcher re-runs ``sys.argv`` for the other ranks; since the verb stays in ``sys.argv``
+(configs are composed with Hydra's compose API, not ``@hydra.main``) children get the same verb back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+VERBS = ("run", "pretrain", "bench", "leaderboard", "list")
+
+
+def _setup_logging(verbose: bool, heavy: bool) -> None:
+    """Rich log lines for our messages; Lightning's and MLflow's chatter down to warnings.
+
+    Lightning sets its own logger level when imported, so it is imported first when the verb needs it.
+    """
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    if not heavy:
+        return
+    import lightning  # noqa: F401
+
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "httpx"):
+        logger = logging.getLogger(noisy)
+        logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logger.handlers.clear()
+        logger.propagate = True
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medbench", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for verb, help_ in (("run", "evaluate a method on a task (pre-training it first if needed)"),
+                        ("pretrain", "pre-train a method on a corpus"),
+                        ("bench", "run a suite: methods x tasks x label fractions x seeds")):
+        sp = sub.add_parser(verb, help=help_)
+        sp.add_argument("overrides", nargs="*", help="Hydra-style key=value overrides")
+    lb = sub.add_parser("leaderboard", help="aggregate result rows into leaderboard.csv/.md")
+    lb.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
+    lb.add_argument("--format", choices=("csv", "md"), default="md", help="what to print")
+    sub.add_parser("list", help="methods, tasks, datasets, suites and trainers found in the configs")
+    return p
+
+
+def cmd_list() -> int:
+    from .config import options
+
+    for group in ("method", "task", "data", "suite", "trainer", "logger"):
+        print(f"{group}: {', '.join(options(group))}")
+    return 0
+
+
+def cmd_leaderboard(results_dir: str | None, fmt: str) -> int:
+    from .config import compose
+    from .results import leaderboard_markdown, write_leaderboard
+
+    folder = Path(results_dir) if results_dir else Path(compose("bench", ["suite=smoke"]).paths.results_dir)
+    lb = write_leaderboard(folder)
+    print(lb.to_csv(index=False) if fmt == "csv" else leaderboard_markdown(lb), end="")
+    print(f"\nwrote {folder / 'leaderboard.csv'} and {folder / 'leaderboard.md'} ({len(lb)} rows)", file=sys.stderr)
+    return 0
+
+
+def cmd_run(overrides: list[str]) -> int:
+    from .config import compose
+    from .run import evaluate, with_corpus
+
+    cfg = compose("run", overrides)
+    rows = evaluate(with_corpus(cfg, overrides))
+    for r in rows:
+        print(f"{r.task}\t{r.method}\t{r.protocol}\t{r.label_fraction:g}\ts{r.seed}\t{r.metric}\t{r.value:.4f}")
+    return 0
+
+
+def cmd_pretrain(overrides: list[str]) -> int:
+    from .config import compose
+    from .run import pretrain
+
+    folder = pretrain(compose("pretrain", overrides))
+    print(folder)
+    return 0
+
+
+def cmd_bench(overrides: list[str]) -> int:
+    from .bench import bench, compose_bench
+    from .results import leaderboard_markdown
+
+    cfg, passthrough = compose_bench(overrides)
+    report = bench(cfg, passthrough)
+    print(leaderboard_markdown(report.leaderboard))
+    print(f"{len(report.done)} cells run, {len(report.skipped)} already done, {len(report.failed)} failed "
+          f"in {report.seconds:.0f} s; leaderboard: {Path(cfg.paths.results_dir) / 'leaderboard.csv'}")
+    for name, err in report.failed.items():
+        print(f"FAILED {name}: {err}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _setup_logging(args.verbose, heavy=args.verb in ("run", "pretrain", "bench"))
+    from .config import ConfigError
+
+    try:
+        if args.verb == "list":
+            return cmd_list()
+        if args.verb == "leaderboard":
+            return cmd_leaderboard(args.results, args.format)
+        return {"run": cmd_run, "pretrain": cmd_pretrain, "bench": cmd_bench}[args.verb](args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"medbench {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Compose Hydra configs (struct mode on) and instantiate them through a ``_target_`` allow-list.
+
+The compose API is used instead of ``@hydra.main``: the CLI verb stays in ``sys.argv``, so processes that
+Lightning's DDP launcher re-runs come back with the same verb and overrides, and nothing changes the working
+directory. Errors name the bad key or option and list the valid ones, before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+GROUPS = ("method", "task", "data", "trainer", "logger", "paths", "suite")
+#: ``_target_`` prefixes a config may instantiate; extend with MEDBENCH_ALLOWED_TARGETS=pkg1.,pkg2.
+ALLOWED_TARGET_PREFIXES = ("medvlp_bench.",)
+
+
+if not OmegaConf.has_resolver("abspath"):
+    OmegaConf.register_new_resolver("abspath", lambda p: str(Path(str(p)).expanduser().resolve()))
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says what and lists valid choices."""
+
+
+def config_dir() -> Path:
+    return Path(str(importlib.resources.files("medvlp_bench.configs")))
+
+
+def search_dirs() -> list[Path]:
+    """The package's configs plus user folders from MEDBENCH_CONFIG_PATH (os.pathsep separated)."""
+    extra = [Path(p) for p in os.environ.get("MEDBENCH_CONFIG_PATH", "").split(os.pathsep) if p]
+    return [config_dir(), *extra]
+
+
+def options(group: str) -> list[str]:
+    """Names available in a config group (file stems), across all search folders."""
+    names: set[str] = set()
+    for d in search_dirs():
+        names.update(p.stem for p in (d / group).glob("*.yaml"))
+    return sorted(names)
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    for ov in overrides:
+        key, sep, value = ov.lstrip("+~").partition("=")
+        if sep and key in GROUPS and value not in ("null", "") and "," not in value:
+            valid = options(key)
+            if value not in valid:
+                raise ConfigError(f"unknown {key} {value!r}; valid {key} names: {', '.join(valid)}")
+
+
+def _searchpath_override() -> list[str]:
+    extra = search_dirs()[1:]
+    if not extra:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"file://{p.resolve()}" for p in extra) + "]"]
+
+
+def compose(root: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/<root>.yaml`` with Hydra-style overrides; add ``names`` (the chosen group options)."""
+    overrides = list(overrides or [])
+    _check_group_choices(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="medbench"):
+            cfg = hydra_compose(root, overrides=overrides + _searchpath_override(), return_hydra_config=True)
+    except HydraException as e:
+        raise ConfigError(_explain(root, overrides, e)) from None
+    with open_dict(cfg):
+        choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if k in GROUPS}
+        del cfg["hydra"]
+        cfg["names"] = choices
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _explain(root: str, overrides: list[str], err: Exception) -> str:
+    msg = str(err)
+    if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
+        bad = next((o for o in overrides if o.lstrip("+~").split("=")[0] in msg), None)
+        if bad is not None:
+            key = bad.lstrip("+~").split("=")[0]
+            parent, _, leaf = key.rpartition(".")
+            try:
+                rest = [o for o in overrides if o != bad]
+                with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                    base = hydra_compose(root, overrides=rest + _searchpath_override())
+                node = OmegaConf.select(base, parent) if parent else base
+                if isinstance(node, DictConfig):
+                    return f"unknown config key {key!r}; valid keys under {parent or 'the root'}: {', '.join(map(str, node.keys()))}"
+            except HydraException:
+                pass
+            return f"unknown config key {key!r} ({msg.splitlines()[0]})"
+    if "You must specify" in msg:
+        group = msg.split("'")[1] if "'" in msg else "?"
+        return f"{msg.splitlines()[0]}; valid {group} names: {', '.join(options(group))}"
+    return msg
+
+
+def check_targets(cfg: Any, path: str = "") -> None:
+    """Refuse any ``_target_`` outside the allow-list, so a downloaded config cannot run arbitrary code."""
+    extra = tuple(p for p in os.environ.get("MEDBENCH_ALLOWED_TARGETS", "").split(",") if p)
+    allowed = ALLOWED_TARGET_PREFIXES + extra
+    if isinstance(cfg, DictConfig | dict):
+        for k, v in cfg.items():
+            if k == "_target_" and not str(v).startswith(allowed):
+                raise ConfigError(
+                    f"{path or 'config'}._target_ = {v!r} is not allowed; targets must start with {allowed} "
+                    "(set MEDBENCH_ALLOWED_TARGETS to extend)"
+                )
+            check_targets(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(cfg, ListConfig | list):
+        for i, v in enumerate(cfg):
+            check_targets(v, f"{path}[{i}]")
+
+
+def instantiate(cfg: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` behind the allow-list check."""
+    check_targets(cfg)
+    return hydra_instantiate(cfg, **kwargs)
+
+
+def to_container(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg

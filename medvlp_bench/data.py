@@ -1,0 +1,280 @@
+"""The datamodule base: manifest, splits, label-fraction subsets, MONAI dict transforms, report tokenisation.
+
+A dataset subclass provides ``build_manifest`` (one row per sample: ``id``, ``split``, ``label``, optional
+``report``/``path``/``mask_path``), ``reader`` (row -> arrays) and its intensity transforms. Everything that must
+be identical across methods -- which samples are labelled at 1 %, the order of the test set, the
+preprocessing -- is decided here, never in a method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import DataLoader
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .text import Tokenizer
+
+SPLITS = ("train", "val", "test")
+
+
+def _seed_from(*parts: object) -> int:
+    """Stable 63-bit seed from strings: subsets must not depend on Python's hash randomisation."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def stratify_keys(labels: np.ndarray) -> list[str]:
+    """Stratum of each sample: the class (multi-class) or the label combination (multi-label)."""
+    if labels.ndim == 1:
+        return [str(int(v)) for v in labels]
+    return ["".join("1" if v > 0.5 else "0" for v in row) for row in labels]
+
+
+def label_fraction_subset(
+    dataset: str, ids: Sequence[str], labels: np.ndarray, fraction: float, seed: int
+) -> list[str]:
+    """Deterministic stratified subset of ``ids`` of size ~``fraction * len(ids)``.
+
+    Depends only on (dataset, fraction, seed) and the set of ids/labels, never on their order or on the
+    process rank. Each stratum contributes by largest remainder; then, so that a probe can be fitted at
+    all, every class with a positive in the pool (and, for multi-label, with a negative) is guaranteed
+    one, added in a seeded order. Returned ids are sorted.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    order = np.argsort(np.asarray(ids, dtype=object).astype(str), kind="stable")
+    ids = [str(ids[i]) for i in order]
+    labels = np.asarray(labels)[order]
+    if fraction >= 1:
+        return ids
+    rng = np.random.default_rng(_seed_from(dataset, f"{fraction:.6g}", seed))
+    keys = stratify_keys(labels)
+    strata: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        strata.setdefault(k, []).append(i)
+    target = max(1, round(fraction * len(ids)))
+    names = sorted(strata)
+    quotas = np.array([fraction * len(strata[k]) for k in names])
+    alloc = np.floor(quotas).astype(int)
+    rest = target - alloc.sum()
+    if rest > 0:  # largest remainder, ties broken by the seeded permutation
+        tiebreak = rng.permutation(len(names))
+        order_r = sorted(range(len(names)), key=lambda j: (-(quotas[j] - alloc[j]), tiebreak[j]))
+        for j in order_r[:rest]:
+            alloc[j] += 1
+    chosen: list[int] = []
+    shuffled = {k: list(rng.permutation(strata[k])) for k in names}
+    for k, n in zip(names, alloc):
+        chosen.extend(shuffled[k][:n])
+    chosen_set = set(chosen)
+    for need in _coverage_needs(labels):
+        if not any(need(labels[i]) for i in chosen_set):
+            pool = [i for i in rng.permutation(len(ids)) if need(labels[i]) and i not in chosen_set]
+            if pool:
+                chosen_set.add(int(pool[0]))
+    return sorted(ids[i] for i in chosen_set)
+
+
+def _coverage_needs(labels: np.ndarray) -> list[Callable[[np.ndarray], bool]]:
+    if labels.ndim == 1:
+        return [lambda y, c=c: int(y) == c for c in sorted(set(int(v) for v in labels))]
+    needs: list[Callable[[np.ndarray], bool]] = []
+    for c in range(labels.shape[1]):
+        needs.append(lambda y, c=c: y[c] > 0.5)
+        needs.append(lambda y, c=c: y[c] <= 0.5)
+    return needs
+
+
+def subset_checksum(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+class RecordDataset(Dataset):
+    """Rows of a manifest, loaded by ``load`` and passed through a MONAI dict transform."""
+
+    def __init__(self, rows: list[dict[str, Any]], load: Callable[[dict], dict], transform: Callable) -> None:
+        self.rows, self.load, self.transform = rows, load, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        sample = self.load(row)
+        sample = self.transform(sample)
+        sample["id"] = str(row["id"])
+        sample["index"] = i
+        return sample
+
+
+def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Stack tensors and arrays, keep strings as lists, tokenise reports when a tokenizer is set."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        if isinstance(vals[0], Tensor):
+            out[key] = torch.stack([v.as_tensor() if hasattr(v, "as_tensor") else v for v in vals])
+        elif isinstance(vals[0], np.ndarray | np.generic | int | float):
+            out[key] = torch.as_tensor(np.stack(vals))
+        else:
+            out[key] = vals
+    if tokenizer is not None and "report" in out:
+        out["text"] = tokenizer(out["report"])
+    return out
+
+
+class _Collate:
+    """Picklable collate bound to a tokenizer (DataLoader workers pickle it)."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, self.tokenizer)
+
+
+class MedDataModule(L.LightningDataModule):
+    """Base datamodule. Subclasses implement ``build_manifest`` and ``reader``.
+
+    Args:
+        name: dataset name; part of the label-subset seed, so subsets are per dataset.
+        task_type: ``multilabel``, ``multiclass`` or ``binary`` (what ``label`` holds).
+        class_names: label names (multi-label columns or classes, in index order).
+        target: ``label`` for classification/retrieval, ``mask`` for segmentation.
+    """
+
+    spatial_dims: int = 2
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        task_type: str = "multilabel",
+        class_names: Sequence[str] = (),
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        augment: bool = True,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if task_type not in ("multilabel", "multiclass", "binary"):
+            raise ValueError(f"task_type must be multilabel, multiclass or binary, got {task_type!r}")
+        self.name, self.task_type, self.class_names = name, task_type, list(class_names)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.augment = num_workers, augment
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.tokenizer: Tokenizer | None = None
+
+    # ---- to implement -------------------------------------------------------------------------
+    def build_manifest(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def reader(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """A picklable callable: manifest row -> ``{"image": float32 [C, *S], "label", "report", "mask"}``.
+
+        Kept apart from the datamodule so DataLoader workers do not copy it (or its trainer).
+        """
+        raise NotImplementedError
+
+    def intensity_transforms(self) -> list[Callable]:
+        """Deterministic intensity preprocessing (windowing, normalisation), applied to ``image``."""
+        return []
+
+    # ---- provided ------------------------------------------------------------------------------
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        df = self.build_manifest()
+        missing = {"id", "split"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{self.name}: manifest lacks columns {sorted(missing)}")
+        bad = set(df["split"]) - set(SPLITS)
+        if bad:
+            raise ValueError(f"{self.name}: unknown split names {sorted(bad)}; allowed {SPLITS}")
+        if df["id"].duplicated().any():
+            raise ValueError(f"{self.name}: duplicate sample ids, e.g. {df['id'][df['id'].duplicated()].iloc[0]}")
+        return df.reset_index(drop=True)
+
+    def rows(self, split: str, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        df = self.manifest[self.manifest["split"] == split]
+        if ids is not None:
+            df = df[df["id"].isin(set(ids))]
+        return df.to_dict("records")
+
+    def labels(self, split: str) -> np.ndarray:
+        vals = self.manifest.loc[self.manifest["split"] == split, "label"].tolist()
+        return np.stack([np.asarray(v) for v in vals]) if vals else np.zeros((0,))
+
+    def subset_ids(self, fraction: float, seed: int, split: str = "train") -> list[str]:
+        ids = self.manifest.loc[self.manifest["split"] == split, "id"].astype(str).tolist()
+        return label_fraction_subset(self.name, ids, self.labels(split), fraction, seed)
+
+    def transform(self, augment: bool) -> Compose:
+        keys = ["image", "mask"] if self._has_mask else ["image"]
+        ts: list[Callable] = [*self.intensity_transforms()]
+        if augment and self.augment:
+            ts += self.augmentations(keys)
+        ts.append(EnsureTyped(keys=keys, data_type="tensor", track_meta=False))
+        return Compose(ts)
+
+    def augmentations(self, keys: list[str]) -> list[Callable]:
+        """Mild geometric and intensity jitter; no flips, which would contradict laterality in reports."""
+        modes = ["bilinear", "nearest"][: len(keys)]
+        return [
+            RandAffined(keys=keys, prob=0.7, rotate_range=0.1, scale_range=0.1, mode=modes, padding_mode="zeros"),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+            RandGaussianNoised(keys="image", std=0.02, prob=0.5),
+        ]
+
+    @property
+    def _has_mask(self) -> bool:
+        return "mask_path" in self.manifest.columns or getattr(self, "has_masks", False)
+
+    def dataset(self, split: str, ids: Sequence[str] | None = None, augment: bool = False) -> RecordDataset:
+        rows = self.rows(split, ids)
+        if not rows:
+            raise ValueError(f"{self.name}: split {split!r} is empty")
+        return RecordDataset(rows, self.reader(), self.transform(augment))
+
+    def loader(
+        self, split: str, *, ids: Sequence[str] | None = None, train: bool = False, batch_size: int | None = None
+    ) -> DataLoader:
+        """Training loaders shuffle, augment and drop the last partial batch (equal batches on every rank,
+        as gathered contrastive losses need); evaluation loaders see every sample exactly once, in order."""
+        ds = self.dataset(split, ids, augment=train)
+        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        return DataLoader(
+            ds,
+            batch_size=min(bs, len(ds)) if train else bs,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_Collate(self.tokenizer),
+        )
+
+    # Lightning hooks: pre-training uses every training sample (reports, no labels) and val for val loss.
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")

@@ -1,0 +1,191 @@
+"""Image encoders for 2D and 3D (one ``spatial_dims`` switch, as in MONAI) and their builder.
+
+Every encoder returns :class:`ImageFeatures`: a pooled vector for probes and projection heads, multi-scale
+maps (fine -> coarse) for the shared segmentation decoder, and patch tokens when the architecture has them.
+The presets table is data, not branching: a new size is one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from monai.networks.nets import ViT
+from monai.networks.nets.resnet import ResNet
+from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.utils import ensure_tuple_rep
+from torch import Tensor, nn
+
+from .types import ImageFeatures
+
+
+class ImageEncoder(nn.Module):
+    """Base class: subclasses set the attributes below and implement ``forward``."""
+
+    spatial_dims: int
+    in_channels: int
+    out_dim: int
+    feature_channels: list[int]
+    #: total downsampling of each map relative to the input (same order as ``maps``)
+    feature_strides: list[int]
+
+    def forward(self, image: Tensor) -> ImageFeatures:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ResNetEncoder(ImageEncoder):
+    """MONAI ResNet trunk (2D or 3D); maps are the stem and the four stage outputs."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        layers: Sequence[int] = (1, 1, 1, 1),
+        widths: Sequence[int] = (16, 32, 64, 128),
+        block: str = "basic",
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.net = ResNet(
+            block=block,
+            layers=list(layers),
+            block_inplanes=list(widths),
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            feed_forward=False,
+            norm=norm,
+        )
+        expansion = 4 if block == "bottleneck" else 1
+        self.feature_channels = [widths[0]] + [w * expansion for w in widths]
+        self.feature_strides = [2, 4, 8, 16, 32]
+        self.out_dim = self.feature_channels[-1]
+
+    def forward(self, image: Tensor) -> ImageFeatures:
+        n = self.net
+        x = n.act(n.bn1(n.conv1(image)))
+        maps = [x]
+        x = n.maxpool(x)
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            maps.append(x)
+        pooled = x.flatten(2).mean(-1)
+        return ImageFeatures(pooled=pooled, maps=maps, tokens=x.flatten(2).transpose(1, 2))
+
+
+class ViTEncoder(ImageEncoder):
+    """MONAI ViT (2D or 3D). Maps are hidden states at evenly spaced depths reshaped to the patch grid,
+    as UNETR reads them; pooled is the mean patch token. The input size must equal ``img_size``."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        num_maps: int = 4,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.img_size = ensure_tuple_rep(img_size, spatial_dims)
+        self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
+        self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.net = ViT(
+            in_channels=in_channels,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            spatial_dims=spatial_dims,
+            classification=False,
+        )
+        step = max(num_layers // num_maps, 1)
+        self.map_layers = [min(step * (i + 1), num_layers) - 1 for i in range(num_maps)]
+        self.feature_channels = [hidden_size] * num_maps
+        self.feature_strides = [self.patch_size[0]] * num_maps
+        self.out_dim = hidden_size
+
+    def forward(self, image: Tensor) -> ImageFeatures:
+        if tuple(image.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"ViT encoder built for input size {self.img_size}, got {tuple(image.shape[2:])}; "
+                "set the encoder's img_size or resize the data"
+            )
+        x, hidden = self.net(image)
+        b = image.shape[0]
+        maps = [hidden[i].transpose(1, 2).reshape(b, -1, *self.grid) for i in self.map_layers]
+        return ImageFeatures(pooled=x.mean(1), maps=maps, tokens=x)
+
+
+class SwinEncoder(ImageEncoder):
+    """MONAI Swin transformer trunk (the SwinUNETR encoder); maps are its five hidden stages."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.net = SwinTransformer(
+            in_chans=in_channels,
+            embed_dim=feature_size,
+            window_size=ensure_tuple_rep(window_size, spatial_dims),
+            patch_size=ensure_tuple_rep(2, spatial_dims),
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            spatial_dims=spatial_dims,
+            use_checkpoint=use_checkpoint,
+        )
+        self.feature_channels = [feature_size * 2**i for i in range(len(depths) + 1)]
+        self.feature_strides = [2 ** (i + 1) for i in range(len(depths) + 1)]
+        self.out_dim = self.feature_channels[-1]
+
+    def forward(self, image: Tensor) -> ImageFeatures:
+        maps = self.net(image, normalize=True)
+        last = maps[-1]
+        return ImageFeatures(pooled=last.flatten(2).mean(-1), maps=list(maps), tokens=last.flatten(2).transpose(1, 2))
+
+
+#: name -> (class, default kwargs). Sizes follow the usual family names; ``*_tiny`` are for tests and
+#: the CPU phantom benchmark.
+PRESETS: dict[str, tuple[type[ImageEncoder], dict[str, Any]]] = {
+    "resnet_tiny": (ResNetEncoder, {"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}),
+    "resnet_small": (ResNetEncoder, {"layers": (1, 1, 1, 1), "widths": (16, 32, 64, 128)}),
+    "resnet10": (ResNetEncoder, {"layers": (1, 1, 1, 1), "widths": (64, 128, 256, 512)}),
+    "resnet18": (ResNetEncoder, {"layers": (2, 2, 2, 2), "widths": (64, 128, 256, 512)}),
+    "resnet50": (ResNetEncoder, {"layers": (3, 4, 6, 3), "widths": (64, 128, 256, 512), "block": "bottleneck"}),
+    "vit_tiny": (ViTEncoder, {"patch_size": 8, "hidden_size": 64, "mlp_dim": 128, "num_layers": 4, "num_heads": 4}),
+    "vit_s16": (ViTEncoder, {"patch_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_layers": 12, "num_heads": 6}),
+    "vit_b16": (ViTEncoder, {"patch_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}),
+    "swin_tiny": (SwinEncoder, {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}),
+    "swin_unetr": (SwinEncoder, {"feature_size": 48, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)}),
+}
+
+
+def build_image_encoder(name: str, spatial_dims: int, in_channels: int = 1, **overrides: Any) -> ImageEncoder:
+    """Build a preset by name; keyword overrides replace the preset's defaults (e.g. ``img_size``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown image encoder {name!r}; choose one of {sorted(PRESETS)}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    cls, defaults = PRESETS[name]
+    return cls(spatial_dims=spatial_dims, in_channels=in_channels, **{**defaults, **overrides})
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,187 @@
+"""Result rows: one JSON file per finished evaluation cell, written atomically; the leaderboard built from them.
+
+The JSON files under ``results/runs/`` are the source of truth (small, diffable, no server needed); MLflow is
+for browsing. A cell is (method, task, protocol, label_fraction, seed); its file holds one row per metric.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+GROUP_KEYS = ["method", "task", "kind", "spatial_dims", "protocol", "label_fraction", "metric", "task_version"]
+LEADERBOARD_COLUMNS = [
+    *GROUP_KEYS,
+    "impl_source",
+    "primary",
+    "higher_is_better",
+    "mean",
+    "std",
+    "n_seeds",
+    "ci95_low",
+    "ci95_high",
+    "seeds",
+]
+
+
+@dataclass
+class ResultRow:
+    method: str
+    impl_source: str
+    task: str
+    task_version: str
+    kind: str
+    spatial_dims: int
+    protocol: str
+    label_fraction: float
+    seed: int
+    metric: str
+    value: float
+    higher_is_better: bool
+    primary: bool
+    ckpt_sha256: str | None
+    code_version: str
+    mlflow_run_id: str | None
+    date: str
+    wall_time_s: float
+    device: str
+    n_test: int
+    subset_sha256: str | None = None
+
+
+def cell_name(method: str, task: str, protocol: str, label_fraction: float, seed: int) -> str:
+    return f"{task}__{method}__{protocol}__f{label_fraction:g}__s{seed}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_cell(runs_dir: Path, name: str, rows: list[ResultRow], extra: dict[str, Any] | None = None) -> Path:
+    """Write a cell's rows (and e.g. the labelled subset ids) as ``<runs_dir>/<name>.json``."""
+    payload = {"rows": [asdict(r) for r in rows], **(extra or {})}
+    path = Path(runs_dir) / f"{name}.json"
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False, allow_nan=True) + "\n")
+    return path
+
+
+def save_predictions(path: Path, **arrays: np.ndarray) -> None:
+    """Per-sample predictions (compressed npz), kept so paired tests can be recomputed without re-running."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def cell_exists(runs_dir: Path, name: str) -> bool:
+    return (Path(runs_dir) / f"{name}.json").is_file()
+
+
+def load_rows(runs_dir: Path) -> pd.DataFrame:
+    """All rows under ``runs_dir`` as a DataFrame (empty, with the row columns, if there are none)."""
+    records: list[dict[str, Any]] = []
+    for p in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            payload = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corrupt result file {p}: {e}") from e
+        records.extend(payload.get("rows", []))
+    cols = [f.name for f in fields(ResultRow)]
+    return pd.DataFrame.from_records(records, columns=cols) if records else pd.DataFrame(columns=cols)
+
+
+def confidence_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval for the mean over seeds; NaN for fewer than 2 values."""
+    from scipy import stats
+
+    v = np.asarray(list(values), dtype=float)
+    if len(v) < 2:
+        return (math.nan, math.nan)
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return (float(v.mean() - half), float(v.mean() + half))
+
+
+def build_leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std, n_seeds and a 95 % CI per (method, task, protocol, label fraction, metric, version).
+
+    Sorted by task, protocol, label fraction, then primary metrics first and best method first
+    according to ``higher_is_better``. Duplicate seeds (re-runs of a cell) keep the newest row.
+    """
+    if rows.empty:
+        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    rows = rows.sort_values("date").drop_duplicates([*GROUP_KEYS, "seed"], keep="last")
+    out = []
+    for key, g in rows.groupby(GROUP_KEYS, sort=False, dropna=False):
+        vals = g["value"].astype(float)
+        lo, hi = confidence_interval(vals)
+        rec = dict(zip(GROUP_KEYS, key))
+        rec.update(
+            impl_source=g["impl_source"].iloc[-1],
+            primary=bool(g["primary"].iloc[-1]),
+            higher_is_better=bool(g["higher_is_better"].iloc[-1]),
+            mean=float(vals.mean()),
+            std=float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
+            n_seeds=int(g["seed"].nunique()),
+            ci95_low=lo,
+            ci95_high=hi,
+            seeds=" ".join(str(s) for s in sorted(g["seed"].unique())),
+        )
+        out.append(rec)
+    lb = pd.DataFrame(out, columns=LEADERBOARD_COLUMNS)
+    lb["_rank"] = np.where(lb["higher_is_better"], -lb["mean"], lb["mean"])
+    lb["_primary"] = ~lb["primary"].astype(bool)
+    lb = lb.sort_values(["task", "protocol", "label_fraction", "_primary", "metric", "_rank", "method"])
+    return lb.drop(columns=["_rank", "_primary"]).reset_index(drop=True)
+
+
+def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
+    """Compact markdown table: one line per (task, protocol, fraction, method) with mean ± std and CI."""
+    if lb.empty:
+        return "_no results yet_\n"
+    df = lb[lb["primary"]] if primary_only else lb
+    lines = [
+        "| task | protocol | labels | method | metric | mean ± std | 95% CI | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in df.itertuples():
+        std = "" if math.isnan(r.std) else f" ± {r.std:.3f}"
+        ci = "" if math.isnan(r.ci95_low) else f"[{r.ci95_low:.3f}, {r.ci95_high:.3f}]"
+        lines.append(
+            f"| {r.task} | {r.protocol} | {r.label_fraction:g} | {r.method} | {r.metric} | "
+            f"{r.mean:.3f}{std} | {ci} | {r.n_seeds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(results_dir: Path) -> pd.DataFrame:
+    """Rebuild ``leaderboard.csv`` and ``leaderboard.md`` from ``results_dir/runs`` (atomically)."""
+    results_dir = Path(results_dir)
+    lb = build_leaderboard(load_rows(results_dir / "runs"))
+    atomic_write_text(results_dir / "leaderboard.csv", lb.to_csv(index=False))
+    atomic_write_text(results_dir / "leaderboard.md", leaderboard_markdown(lb))
+    return lb

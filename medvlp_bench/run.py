@@ -1,0 +1,253 @@
+"""The only place that turns configs into objects and a Trainer: pretrain, evaluate, bench.
+
+``evaluate`` gets the method's weights (a given ``ckpt``, a cached pre-training checkpoint, or a fresh
+pre-training run on the task's corpus), lets the task judge it, and writes one JSON file per cell.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import __version__, checkpoint, results, tracking
+from .config import ConfigError, compose, instantiate, to_container
+from .method import Method
+from .task import EvalContext, Task
+
+log = logging.getLogger("medvlp_bench")
+
+#: trainer keys that are ours, not Lightning's
+_OWN_TRAINER_KEYS = ("progress",)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+@functools.cache
+def code_version() -> str:
+    """Git commit of the package source (with ``-dirty`` for local edits) or the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return sha.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return __version__
+
+
+def device_name(trainer_cfg: DictConfig) -> str:
+    if trainer_cfg.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def make_trainer(trainer_cfg: DictConfig, logger: Any = None, single_device: bool = False, **overrides: Any) -> L.Trainer:
+    """A Lightning Trainer from ``trainer`` config; ``single_device`` forces one device (evaluation)."""
+    kw = {k: v for k, v in to_container(trainer_cfg).items() if k not in _OWN_TRAINER_KEYS}
+    if single_device:
+        kw.update(devices=1, strategy="auto", num_nodes=1)
+        kw.pop("sync_batchnorm", None)
+    progress = trainer_cfg.get("progress", "rich")
+    callbacks = list(overrides.pop("callbacks", []))
+    if progress == "rich":
+        callbacks.append(RichProgressBar(leave=False))
+    elif progress == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    kw.update(overrides)
+    kw.setdefault("enable_model_summary", False)
+    return L.Trainer(logger=logger if logger is not None else False, callbacks=callbacks,
+                     enable_progress_bar=progress != "none", **kw)
+
+
+# ---- pre-training --------------------------------------------------------------------------------
+def pretrain_key(cfg: DictConfig) -> str:
+    """Cache key of a pre-training run: method model + schedule, data, seed, precision (not workers/paths)."""
+    skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir")
+    data = {k: v for k, v in to_container(cfg.data).items() if k not in skip}
+    blob = {"method": to_container(cfg.method), "data": data, "seed": int(cfg.seed),
+            "precision": str(cfg.trainer.get("precision", "32-true"))}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    names = cfg.names
+    return Path(cfg.paths.checkpoint_dir) / f"{names.method}__{names.data}__s{cfg.seed}__{pretrain_key(cfg)}"
+
+
+def build_method(cfg: DictConfig) -> Method:
+    method = instantiate(cfg.method.model)
+    if not isinstance(method, Method):
+        raise ConfigError(f"method {cfg.names.method!r} does not build a medvlp_bench Method")
+    return method
+
+
+def pretrain(cfg: DictConfig) -> Path:
+    """Pre-train ``cfg.method`` on ``cfg.data``; return the checkpoint folder (cached by ``pretrain_key``)."""
+    out = checkpoint_dir(cfg)
+    if checkpoint.is_checkpoint(out):
+        log.info("using cached pre-training checkpoint %s", out)
+        return out
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    method = build_method(cfg)
+    if not method.needs_pretraining:
+        raise ConfigError(f"method {cfg.names.method!r} has no pre-training objective")
+    dm = instantiate(cfg.data)
+    sched = cfg.method.pretrain
+    dm.batch_size = int(sched.batch_size)
+    if method.text_encoder is not None:
+        dm.tokenizer = method.text_encoder.tokenizer
+    logger = tracking.make_logger(cfg.logger, f"pretrain/{cfg.names.method}/{cfg.names.data}/s{cfg.seed}",
+                                  {"verb": "pretrain", "method": cfg.names.method, "data": cfg.names.data})
+    resume_dir = Path(cfg.paths.work_dir) / "pretrain" / out.name
+    ckpt_cb = ModelCheckpoint(dirpath=resume_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+    trainer = make_trainer(cfg.trainer, logger, callbacks=[ckpt_cb], max_epochs=int(sched.max_epochs),
+                           gradient_clip_val=sched.get("gradient_clip_val"),
+                           accumulate_grad_batches=int(sched.get("accumulate_grad_batches", 1)))
+    last = resume_dir / "last.ckpt"
+    trainer.fit(method, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+    if trainer.global_rank == 0:
+        info = {"method": cfg.names.method, "data": cfg.names.data, "seed": int(cfg.seed),
+                "code_version": code_version(), "pretrain_key": pretrain_key(cfg),
+                "epochs": trainer.current_epoch, "steps": trainer.global_step}
+        checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
+        log.info("saved pre-trained %s to %s", cfg.names.method, out)
+    return out
+
+
+def load_method(folder: Path) -> Method:
+    """Rebuild a method from a checkpoint folder (allow-listed config, safetensors weights)."""
+    folder = Path(folder)
+    if not checkpoint.is_checkpoint(folder):
+        raise FileNotFoundError(f"no checkpoint at {folder} (expected {checkpoint.WEIGHTS} and {checkpoint.CONFIG})")
+    method = instantiate(OmegaConf.create(checkpoint.read_config(folder)["model"]))
+    checkpoint.load_weights(method, folder)
+    return method
+
+
+def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
+    """The weights a run evaluates: ``ckpt=``, else a cached/new pre-training run, else the seeded init."""
+    if cfg.ckpt:
+        folder = Path(cfg.ckpt)
+        return load_method(folder), checkpoint.file_sha256(folder / checkpoint.WEIGHTS)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    method = build_method(cfg)
+    if not method.needs_pretraining:
+        return method, None
+    if cfg.pretrain == "never":
+        raise ConfigError(f"method {cfg.names.method!r} needs pre-trained weights: pass ckpt=<folder> or pretrain=auto")
+    folder = pretrain(cfg)
+    return load_method(folder), checkpoint.file_sha256(folder / checkpoint.WEIGHTS)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def with_corpus(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Fill ``cfg.data`` with the pre-training corpus: the user's ``data=``, else ``task.pretrain_data``,
+    else the task's own data (its training split, reports, no labels)."""
+    if cfg.get("data") is not None:
+        return cfg
+    if cfg.task.get("pretrain_data"):
+        return compose("run", [*overrides, f"data={cfg.task.pretrain_data}"])
+    with open_dict(cfg):
+        cfg.data = OmegaConf.masked_copy(cfg.task, ["data"]).data
+        cfg.data.target = "label"
+        cfg.names.data = cfg.task.data.get("name", cfg.names.task)
+    return cfg
+
+
+def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
+    """Evaluate one cell and write its rows; returns the rows (empty if the task does not apply)."""
+    t0 = time.time()
+    names = cfg.names
+    task: Task = instantiate(cfg.task)
+    method, ckpt_sha = obtain_method(cfg)
+    if not is_rank_zero():
+        return []
+    if (reason := task.skip_reason(method)) is not None:
+        log.warning("skipping %s on %s: %s", names.method, names.task, reason)
+        return []
+    if method.text_encoder is not None:
+        task.data.tokenizer = method.text_encoder.tokenizer
+    cell = results.cell_name(names.method, names.task, task.protocol, task.label_fraction, int(cfg.seed))
+    logger = tracking.make_logger(cfg.logger, f"eval/{cell}", {"verb": "run", "method": names.method,
+                                  "task": names.task, "task_version": task.version, "code_version": code_version()})
+    work = Path(cfg.paths.work_dir) / "eval" / cell
+    ctx = EvalContext(
+        make_trainer=functools.partial(make_trainer, cfg.trainer, logger, True, default_root_dir=str(work)),
+        seed=int(cfg.seed),
+        work_dir=work,
+        device=torch.device("cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu"),
+        precision=str(cfg.trainer.get("precision", "32-true")),
+    )
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    res = task.evaluate(method, ctx)
+    rows = make_rows(cfg, task, method, res, ckpt_sha, tracking.run_id(logger), time.time() - t0)
+    runs = Path(cfg.paths.results_dir) / "runs"
+    extra = {"subset_size": len(res.subset_ids or []), "subset_sha256": rows[0].subset_sha256,
+             "config": to_container(cfg), **res.extra}
+    if res.subset_ids is not None and len(res.subset_ids) <= 5000:
+        extra["subset_ids"] = res.subset_ids
+    path = results.write_cell(runs, cell, rows, extra)
+    files = [path]
+    if res.predictions:
+        pred = Path(cfg.paths.results_dir) / "predictions" / f"{cell}.npz"
+        results.save_predictions(pred, **res.predictions)
+        files.append(pred)
+    tracking.log_final(logger, {f"{names.task}/{k}": v for k, v in res.metrics.items()},
+                       _flat_params(cfg), files)
+    return rows
+
+
+def make_rows(cfg: DictConfig, task: Task, method: Method, res: Any, ckpt_sha: str | None,
+              run_id: str | None, wall: float) -> list[results.ResultRow]:
+    from .data import subset_checksum
+
+    date = datetime.now(UTC).isoformat(timespec="seconds")
+    subset_sha = subset_checksum(res.subset_ids) if res.subset_ids is not None else None
+    common = dict(
+        method=cfg.names.method, impl_source=method.impl_source, task=cfg.names.task, task_version=task.version,
+        kind=task.kind, spatial_dims=int(task.data.spatial_dims), protocol=task.protocol,
+        label_fraction=task.label_fraction, seed=int(cfg.seed), higher_is_better=task.higher_is_better,
+        ckpt_sha256=ckpt_sha, code_version=code_version(), mlflow_run_id=run_id, date=date,
+        wall_time_s=round(wall, 2), device=device_name(cfg.trainer), n_test=res.n_test, subset_sha256=subset_sha,
+    )
+    return [
+        results.ResultRow(metric=k, value=float(v), primary=(k == task.primary), **common)
+        for k, v in res.metrics.items()
+    ]
+
+
+def _flat_params(cfg: DictConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(to_container(cfg), "")
+    return {k: v for k, v in flat.items() if not k.startswith("paths.")}
+
+
+def run_cell(overrides: list[str]) -> list[results.ResultRow]:
+    """``medbench run`` for one list of overrides."""
+    return evaluate(with_corpus(compose("run", overrides), overrides))

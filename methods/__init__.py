@@ -1,0 +1,1 @@
+"""Pre-training methods: one file per method, selected by ``configs/method/<name>.yaml``."""

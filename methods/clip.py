@@ -1,0 +1,54 @@
+"""``clip``: ConVIRT/CLIP image-report contrast, the generic image-text reference.
+
+Symmetric InfoNCE between projected, L2-normalised image and report embeddings; learnable temperature
+initialised to 0.07 and clamped so the logit scale stays <= 100; negatives gathered across all ranks
+with gradients (open_clip's ``ClipLoss``). Works with 2D and 3D encoders alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medvlp_bench.encoders import ImageEncoder
+from medvlp_bench.losses import clip_loss
+from medvlp_bench.method import Method, ProjectionHead
+from medvlp_bench.text import TextEncoder
+from medvlp_bench.types import Batch
+
+
+class CLIP(Method):
+    impl_source: ClassVar[str] = "baseline"
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        *,
+        temperature: float = 0.07,
+        proj_hidden: int | None = None,
+        local_loss: bool = True,
+        **kw,
+    ) -> None:
+        super().__init__(image_encoder, text_encoder, **kw)
+        self.image_proj = ProjectionHead(image_encoder.out_dim, self.embed_dim, proj_hidden)
+        self.text_proj = ProjectionHead(text_encoder.out_dim, self.embed_dim, proj_hidden)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+        self.local_loss = local_loss
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        return F.normalize(self.image_proj(self.encode_image(image)), dim=-1)
+
+    def embed_text(self, text: dict[str, Tensor]) -> Tensor:
+        return F.normalize(self.text_proj(self.text_encoder(**text).pooled), dim=-1)
+
+    def pretrain_step(self, batch: Batch) -> dict[str, Tensor]:
+        img = self.embed_image(batch["image"])
+        txt = self.embed_text(batch["text"])
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        loss = clip_loss(img, txt, scale, local_loss=self.local_loss)
+        return {"loss": loss, "logit_scale": scale.detach()}

@@ -1,0 +1,1 @@
+"""Downstream task kinds: one file per kind (classification, segmentation, retrieval), not per dataset."""

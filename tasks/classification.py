@@ -1,0 +1,210 @@
+"""Classification: linear probe on frozen features, or fine-tuning of the whole encoder.
+
+Linear (MGCA protocol): the encoder is frozen and run once in eval mode over the labelled training subset,
+the validation split and the test split; features are standardised with statistics of the whole training
+split (labels unused) and a linear head is trained with AdamW and early stopping on validation loss; the
+best-validation head is tested. Fine-tune: the same head on top of the encoder, trained end to end with a
+lower learning rate for the encoder and training-time augmentation. Both report AUROC (macro, and per
+class for multi-label), accuracy and F1 from torchmetrics, as separate protocol rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics.functional as tmf
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from medvlp_bench.data import MedDataModule
+from medvlp_bench.method import Method
+from medvlp_bench.task import EvalContext, Task, TaskResult, extract, state_checksum
+
+
+@dataclass
+class _Plan:
+    """What a protocol hands to the shared fit/test code."""
+
+    model: L.LightningModule
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    test_ids: list[str]
+    test_target: Tensor
+
+
+class _FeatureSet(Dataset):
+    def __init__(self, features: Tensor, labels: Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"feature": self.features[i], "label": self.labels[i]}
+
+
+class _Classifier(L.LightningModule):
+    """Linear head, optionally on top of a trainable encoder (fine-tune protocol)."""
+
+    def __init__(
+        self, in_dim: int, n_out: int, task_type: str, lr: float, weight_decay: float,
+        backbone: Method | None = None, backbone_lr_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_dim, n_out)
+        self.backbone, self.task_type = backbone, task_type
+        self.lr, self.weight_decay, self.backbone_lr_scale = lr, weight_decay, backbone_lr_scale
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        x = self.backbone.encode_image(batch["image"]) if self.backbone is not None else batch["feature"]
+        return self.head(x)
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        if self.task_type == "multiclass":
+            return F.cross_entropy(logits, y.long())
+        return F.binary_cross_entropy_with_logits(logits, y.float().view_as(logits))
+
+    def training_step(self, batch: dict[str, Tensor], _: int) -> Tensor:
+        loss = self.loss(self(batch), batch["label"])
+        self.log("train/loss", loss, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], _: int) -> None:
+        self.log("val/loss", self.loss(self(batch), batch["label"]), batch_size=len(batch["label"]))
+
+    def predict_step(self, batch: dict[str, Tensor], _: int) -> Tensor:
+        logits = self(batch).float()
+        return logits.softmax(-1) if self.task_type == "multiclass" else logits.sigmoid()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = [{"params": self.head.parameters(), "lr": self.lr}]
+        if self.backbone is not None:
+            params = [p for p in self.backbone.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": self.lr * self.backbone_lr_scale})
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def classification_metrics(
+    probs: Tensor, target: Tensor, task_type: str, class_names: list[str], per_class: bool = True
+) -> dict[str, float]:
+    """AUROC (macro), accuracy and F1 (macro) with torchmetrics; per-class AUROC for multi-label."""
+    out: dict[str, float] = {}
+    if task_type == "multilabel":
+        k = probs.shape[1]
+        y = target.long()
+        out["auroc"] = tmf.auroc(probs, y, task="multilabel", num_labels=k, average="macro").item()
+        out["acc"] = tmf.accuracy(probs, y, task="multilabel", num_labels=k, average="macro").item()
+        out["f1"] = tmf.f1_score(probs, y, task="multilabel", num_labels=k, average="macro").item()
+        if per_class:
+            per = tmf.auroc(probs, y, task="multilabel", num_labels=k, average="none")
+            out.update({f"auroc/{n}": v.item() for n, v in zip(class_names, per)})
+    elif task_type == "multiclass":
+        k = probs.shape[1]
+        y = target.long()
+        out["auroc"] = tmf.auroc(probs, y, task="multiclass", num_classes=k, average="macro").item()
+        out["acc"] = tmf.accuracy(probs, y, task="multiclass", num_classes=k, average="micro").item()
+        out["f1"] = tmf.f1_score(probs, y, task="multiclass", num_classes=k, average="macro").item()
+    else:
+        p, y = probs.view(-1), target.view(-1).long()
+        out["auroc"] = tmf.auroc(p, y, task="binary").item()
+        out["acc"] = tmf.accuracy(p, y, task="binary").item()
+        out["f1"] = tmf.f1_score(p, y, task="binary").item()
+    return out
+
+
+class Classification(Task):
+    """Linear-probe or fine-tune classification with label fractions and early stopping."""
+
+    kind: ClassVar[str] = "classification"
+
+    def __init__(
+        self,
+        data: MedDataModule,
+        *,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-6,
+        batch_size: int = 48,
+        max_epochs: int = 50,
+        patience: int = 10,
+        backbone_lr_scale: float = 0.1,
+        standardize: bool = True,
+        per_class: bool = True,
+        **kw: Any,
+    ) -> None:
+        super().__init__(data, **kw)
+        if self.protocol not in ("linear", "finetune"):
+            raise ValueError(f"classification protocol must be 'linear' or 'finetune', got {self.protocol!r}")
+        self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
+        self.max_epochs, self.patience, self.backbone_lr_scale = max_epochs, patience, backbone_lr_scale
+        self.standardize, self.per_class = standardize, per_class
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.data.task_type == "binary" else len(self.data.class_names)
+
+    def evaluate(self, method: Method, ctx: EvalContext) -> TaskResult:
+        dm = self.data
+        subset = dm.subset_ids(self.label_fraction, ctx.seed)
+        plan = self._linear(method, ctx, subset) if self.protocol == "linear" else self._finetune(method, subset)
+        ckpt = ModelCheckpoint(
+            dirpath=ctx.work_dir / f"head-{uuid.uuid4().hex[:8]}", monitor="val/loss", mode="min", save_top_k=1
+        )
+        stop = EarlyStopping(monitor="val/loss", mode="min", patience=self.patience)
+        trainer = ctx.make_trainer(max_epochs=self.max_epochs, callbacks=[ckpt, stop], enable_checkpointing=True)
+        trainer.fit(plan.model, plan.train, plan.val)
+        probs = torch.cat(trainer.predict(plan.model, plan.test, ckpt_path=ckpt.best_model_path or None))
+        target = plan.test_target
+        metrics = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
+        preds = {"id": np.asarray(plan.test_ids), "target": target.numpy(), "score": probs.numpy()}
+        extra = {"epochs_trained": trainer.current_epoch, "best_val_loss": float(ckpt.best_model_score or np.nan)}
+        return TaskResult(metrics, n_test=len(target), predictions=preds, subset_ids=subset, extra=extra)
+
+    # ---- protocols -------------------------------------------------------------------------------
+    def _linear(self, method: Method, ctx: EvalContext, subset: list[str]) -> _Plan:
+        dm = self.data
+        method.eval().requires_grad_(False)
+        before = state_checksum(method)
+        method.to(ctx.device)
+
+        def feats(split: str, ids: list[str] | None = None) -> dict[str, Any]:
+            return extract(lambda b: method.encode_image(b["image"]), dm.loader(split, ids=ids), ctx)
+
+        full_train = feats("train")
+        keep = np.isin(np.asarray(full_train["id"]), subset)
+        train = {"out": full_train["out"][keep], "label": full_train["label"][keep]}
+        val, test = feats("val"), feats("test")
+        if state_checksum(method) != before:  # pragma: no cover - a frozen protocol must not mutate
+            raise RuntimeError("linear protocol changed the encoder's weights")
+        mu, sd = full_train["out"].mean(0), full_train["out"].std(0).clamp_min(1e-6)
+        if not self.standardize:
+            mu, sd = torch.zeros_like(mu), torch.ones_like(sd)
+
+        def loader(d: dict[str, Any], shuffle: bool) -> DataLoader:
+            return DataLoader(_FeatureSet((d["out"] - mu) / sd, d["label"]), batch_size=self.batch_size, shuffle=shuffle)
+
+        model = _Classifier(train["out"].shape[1], self.n_outputs, dm.task_type, self.lr, self.weight_decay)
+        return _Plan(model, loader(train, True), loader(val, False), loader(test, False), test["id"], test["label"])
+
+    def _finetune(self, method: Method, subset: list[str]) -> _Plan:
+        dm = self.data
+        backbone = copy.deepcopy(method).train().requires_grad_(True)
+        if backbone.text_encoder is not None:
+            backbone.text_encoder.requires_grad_(False)  # only the image encoder is fine-tuned
+        model = _Classifier(
+            method.image_encoder.out_dim, self.n_outputs, dm.task_type, self.lr, self.weight_decay,
+            backbone=backbone, backbone_lr_scale=self.backbone_lr_scale,
+        )
+        bs = min(self.batch_size, len(subset))
+        rows = dm.rows("test")
+        target = torch.as_tensor(np.stack([np.asarray(r["label"]) for r in rows]))
+        train = dm.loader("train", ids=subset, train=True, batch_size=bs)
+        return _Plan(model, train, dm.loader("val"), dm.loader("test"), [str(r["id"]) for r in rows], target)
