@@ -73,8 +73,9 @@ def materialise(kind: str, size: int, n: int, seed: int, folder: Path) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("generated %d %s phantoms (%d^%d) in %.1f s -> %s", n, kind, size, first.mask.ndim,
-                 time.time() - t0, folder)
+        log.info(
+            "generated %d %s phantoms (%d^%d) in %.1f s -> %s", n, kind, size, first.mask.ndim, time.time() - t0, folder
+        )
     return folder
 
 
@@ -90,8 +91,10 @@ class PhantomReader:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         if self._arrays is None:
-            self._arrays = (np.load(self.folder / "images.npy", mmap_mode="r"),
-                            np.load(self.folder / "masks.npy", mmap_mode="r"))
+            self._arrays = (
+                np.load(self.folder / "images.npy", mmap_mode="r"),
+                np.load(self.folder / "masks.npy", mmap_mode="r"),
+            )
         images, masks = self._arrays
         i = int(row["row"])
         out = {"image": np.asarray(images[i], dtype=np.float32), "label": row["label"], "report": row["report"]}
@@ -129,9 +132,14 @@ class PhantomDataModule(MedDataModule):
         if info is None:
             raise ValueError(f"unknown phantom kind {kind!r}; choose one of {sorted(_KINDS)}")
         mod = generator_module(kind)
-        super().__init__(name=name or f"phantom_{kind}", task_type=info["task_type"],
-                         class_names=list(getattr(mod, info["classes"])), **kw)
-        for key, given, actual in (("spatial_dims", spatial_dims, info["dims"]), ("in_channels", in_channels, info["channels"])):
+        super().__init__(
+            name=name or f"phantom_{kind}",
+            task_type=info["task_type"],
+            class_names=list(getattr(mod, info["classes"])),
+            **kw,
+        )
+        checks = (("spatial_dims", spatial_dims, info["dims"]), ("in_channels", in_channels, info["channels"]))
+        for key, given, actual in checks:
             if given is not None and int(given) != actual:
                 raise ValueError(f"phantom_{kind} has {key}={actual}, config says {given}")
         if target not in ("label", "mask"):
@@ -150,14 +158,16 @@ class PhantomDataModule(MedDataModule):
         records = json.loads((self.folder / "meta.json").read_text())["records"]
         splits = ["test"] * self.n["test"] + ["val"] * self.n["val"] + ["train"] * self.n["train"]
         dtype = np.int64 if self.task_type == "multiclass" else np.float32
-        return pd.DataFrame({
-            "id": [f"{self.kind}-{i:06d}" for i in range(total)],
-            "split": splits,
-            "row": np.arange(total),
-            "label": [np.asarray(r["labels"], dtype=dtype) for r in records],
-            "report": [r["report"] for r in records],
-            "meta": [r["meta"] for r in records],
-        })
+        return pd.DataFrame(
+            {
+                "id": [f"{self.kind}-{i:06d}" for i in range(total)],
+                "split": splits,
+                "row": np.arange(total),
+                "label": [np.asarray(r["labels"], dtype=dtype) for r in records],
+                "report": [r["report"] for r in records],
+                "meta": [r["meta"] for r in records],
+            }
+        )
 
     def reader(self) -> PhantomReader:
         self.manifest  # noqa: B018 - makes sure the cache exists before workers start

@@ -66,8 +66,9 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
         if not applicable(run_cfg.task, protocol):
             continue
         t = run_cfg.task
-        name = results.cell_name(run_cfg.names.method, run_cfg.names.task, str(t.protocol),
-                                 float(t.label_fraction), int(run_cfg.seed))
+        name = results.cell_name(
+            run_cfg.names.method, run_cfg.names.task, str(t.protocol), float(t.label_fraction), int(run_cfg.seed)
+        )
         if name in seen:
             continue
         seen.add(name)

@@ -28,7 +28,9 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: nn.Module, model_cfg: dict[str, Any], folder: Path, info: dict[str, Any] | None = None) -> str:
+def save_checkpoint(
+    model: nn.Module, model_cfg: dict[str, Any], folder: Path, info: dict[str, Any] | None = None
+) -> str:
     """Write ``folder/{model.safetensors,config.json}`` atomically; return the weights' sha256."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

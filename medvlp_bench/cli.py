@@ -23,8 +23,12 @@ def _setup_logging(verbose: bool, heavy: bool) -> None:
     """
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
     if not heavy:
         return
     import lightning  # noqa: F401
@@ -47,9 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medbench", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="verb", required=True)
-    for verb, help_ in (("run", "evaluate a method on a task (pre-training it first if needed)"),
-                        ("pretrain", "pre-train a method on a corpus"),
-                        ("bench", "run a suite: methods x tasks x label fractions x seeds")):
+    for verb, help_ in (
+        ("run", "evaluate a method on a task (pre-training it first if needed)"),
+        ("pretrain", "pre-train a method on a corpus"),
+        ("bench", "run a suite: methods x tasks x label fractions x seeds"),
+    ):
         sp = sub.add_parser(verb, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra-style key=value overrides")
     lb = sub.add_parser("leaderboard", help="aggregate result rows into leaderboard.csv/.md")
@@ -105,8 +111,10 @@ def cmd_bench(overrides: list[str]) -> int:
     cfg, passthrough = compose_bench(overrides)
     report = bench(cfg, passthrough)
     print(leaderboard_markdown(report.leaderboard))
-    print(f"{len(report.done)} cells run, {len(report.skipped)} already done, {len(report.failed)} failed "
-          f"in {report.seconds:.0f} s; leaderboard: {Path(cfg.paths.results_dir) / 'leaderboard.csv'}")
+    print(
+        f"{len(report.done)} cells run, {len(report.skipped)} already done, {len(report.failed)} failed "
+        f"in {report.seconds:.0f} s; leaderboard: {Path(cfg.paths.results_dir) / 'leaderboard.csv'}"
+    )
     for name, err in report.failed.items():
         print(f"FAILED {name}: {err}", file=sys.stderr)
     return 1 if report.failed else 0

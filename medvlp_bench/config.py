@@ -95,7 +95,8 @@ def _explain(root: str, overrides: list[str], err: Exception) -> str:
                     base = hydra_compose(root, overrides=rest + _searchpath_override())
                 node = OmegaConf.select(base, parent) if parent else base
                 if isinstance(node, DictConfig):
-                    return f"unknown config key {key!r}; valid keys under {parent or 'the root'}: {', '.join(map(str, node.keys()))}"
+                    valid = ", ".join(map(str, node.keys()))
+                    return f"unknown config key {key!r}; valid keys under {parent or 'the root'}: {valid}"
             except HydraException:
                 pass
             return f"unknown config key {key!r} ({msg.splitlines()[0]})"

@@ -18,17 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import DataLoader
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    RandAffined,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
+from monai.transforms import Compose, EnsureTyped
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .augment import BatchAugment
 from .text import Tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -157,7 +151,8 @@ class MedDataModule(L.LightningDataModule):
         name: dataset name; part of the label-subset seed, so subsets are per dataset.
         task_type: ``multilabel``, ``multiclass`` or ``binary`` (what ``label`` holds).
         class_names: label names (multi-label columns or classes, in index order).
-        target: ``label`` for classification/retrieval, ``mask`` for segmentation.
+        augment: training-time augmentation parameters for :class:`BatchAugment` (``False`` disables it);
+            applied batched on the device after transfer, in training only.
     """
 
     spatial_dims: int = 2
@@ -171,7 +166,7 @@ class MedDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        augment: bool = True,
+        augment: bool | dict[str, float] = True,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
@@ -179,7 +174,9 @@ class MedDataModule(L.LightningDataModule):
             raise ValueError(f"task_type must be multilabel, multiclass or binary, got {task_type!r}")
         self.name, self.task_type, self.class_names = name, task_type, list(class_names)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.augment = num_workers, augment
+        self.num_workers = num_workers
+        params = augment if isinstance(augment, dict) else {}
+        self.batch_augment = BatchAugment(**params) if augment is not False else None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.tokenizer: Tokenizer | None = None
 
@@ -226,40 +223,34 @@ class MedDataModule(L.LightningDataModule):
         ids = self.manifest.loc[self.manifest["split"] == split, "id"].astype(str).tolist()
         return label_fraction_subset(self.name, ids, self.labels(split), fraction, seed)
 
-    def transform(self, augment: bool) -> Compose:
+    def transform(self) -> Compose:
+        """Deterministic per-sample preprocessing; random augmentation happens batched, on the device."""
         keys = ["image", "mask"] if self._has_mask else ["image"]
-        ts: list[Callable] = [*self.intensity_transforms()]
-        if augment and self.augment:
-            ts += self.augmentations(keys)
-        ts.append(EnsureTyped(keys=keys, data_type="tensor", track_meta=False))
-        return Compose(ts)
+        return Compose([*self.intensity_transforms(), EnsureTyped(keys=keys, data_type="tensor", track_meta=False)])
 
-    def augmentations(self, keys: list[str]) -> list[Callable]:
-        """Mild geometric and intensity jitter; no flips, which would contradict laterality in reports."""
-        modes = ["bilinear", "nearest"][: len(keys)]
-        return [
-            RandAffined(keys=keys, prob=0.7, rotate_range=0.1, scale_range=0.1, mode=modes, padding_mode="zeros"),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-            RandGaussianNoised(keys="image", std=0.02, prob=0.5),
-        ]
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment training batches on the device (pre-training through ``trainer.fit(datamodule=...)``)."""
+        trainer = getattr(self, "trainer", None)
+        if self.batch_augment is not None and trainer is not None and trainer.training:
+            return self.batch_augment(batch)
+        return batch
 
     @property
     def _has_mask(self) -> bool:
         return "mask_path" in self.manifest.columns or getattr(self, "has_masks", False)
 
-    def dataset(self, split: str, ids: Sequence[str] | None = None, augment: bool = False) -> RecordDataset:
+    def dataset(self, split: str, ids: Sequence[str] | None = None) -> RecordDataset:
         rows = self.rows(split, ids)
         if not rows:
             raise ValueError(f"{self.name}: split {split!r} is empty")
-        return RecordDataset(rows, self.reader(), self.transform(augment))
+        return RecordDataset(rows, self.reader(), self.transform())
 
     def loader(
         self, split: str, *, ids: Sequence[str] | None = None, train: bool = False, batch_size: int | None = None
     ) -> DataLoader:
-        """Training loaders shuffle, augment and drop the last partial batch (equal batches on every rank,
-        as gathered contrastive losses need); evaluation loaders see every sample exactly once, in order."""
-        ds = self.dataset(split, ids, augment=train)
+        """Training loaders shuffle and drop the last partial batch (equal batches on every rank, as
+        gathered contrastive losses need); evaluation loaders see every sample exactly once, in order."""
+        ds = self.dataset(split, ids)
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
         return DataLoader(
             ds,

@@ -188,4 +188,3 @@ def build_image_encoder(name: str, spatial_dims: int, in_channels: int = 1, **ov
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -25,9 +25,7 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, *, local
     """
     key = (distributed.rank(), distributed.world_size(), local_loss)
     if key not in _CLIP_LOSSES:
-        _CLIP_LOSSES[key] = ClipLoss(
-            local_loss=local_loss, gather_with_grad=True, rank=key[0], world_size=key[1]
-        )
+        _CLIP_LOSSES[key] = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=key[0], world_size=key[1])
     return _CLIP_LOSSES[key](image, text, logit_scale)
 
 

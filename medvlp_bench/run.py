@@ -45,8 +45,13 @@ def code_version() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if sha.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return sha.stdout.strip()[:12] + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         pass
@@ -59,7 +64,9 @@ def device_name(trainer_cfg: DictConfig) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def make_trainer(trainer_cfg: DictConfig, logger: Any = None, single_device: bool = False, **overrides: Any) -> L.Trainer:
+def make_trainer(
+    trainer_cfg: DictConfig, logger: Any = None, single_device: bool = False, **overrides: Any
+) -> L.Trainer:
     """A Lightning Trainer from ``trainer`` config; ``single_device`` forces one device (evaluation)."""
     kw = {k: v for k, v in to_container(trainer_cfg).items() if k not in _OWN_TRAINER_KEYS}
     if single_device:
@@ -73,8 +80,12 @@ def make_trainer(trainer_cfg: DictConfig, logger: Any = None, single_device: boo
         callbacks.append(TQDMProgressBar())
     kw.update(overrides)
     kw.setdefault("enable_model_summary", False)
-    return L.Trainer(logger=logger if logger is not None else False, callbacks=callbacks,
-                     enable_progress_bar=progress != "none", **kw)
+    return L.Trainer(
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_progress_bar=progress != "none",
+        **kw,
+    )
 
 
 # ---- pre-training --------------------------------------------------------------------------------
@@ -82,8 +93,12 @@ def pretrain_key(cfg: DictConfig) -> str:
     """Cache key of a pre-training run: method model + schedule, data, seed, precision (not workers/paths)."""
     skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir")
     data = {k: v for k, v in to_container(cfg.data).items() if k not in skip}
-    blob = {"method": to_container(cfg.method), "data": data, "seed": int(cfg.seed),
-            "precision": str(cfg.trainer.get("precision", "32-true"))}
+    blob = {
+        "method": to_container(cfg.method),
+        "data": data,
+        "seed": int(cfg.seed),
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -114,19 +129,33 @@ def pretrain(cfg: DictConfig) -> Path:
     dm.batch_size = int(sched.batch_size)
     if method.text_encoder is not None:
         dm.tokenizer = method.text_encoder.tokenizer
-    logger = tracking.make_logger(cfg.logger, f"pretrain/{cfg.names.method}/{cfg.names.data}/s{cfg.seed}",
-                                  {"verb": "pretrain", "method": cfg.names.method, "data": cfg.names.data})
+    logger = tracking.make_logger(
+        cfg.logger,
+        f"pretrain/{cfg.names.method}/{cfg.names.data}/s{cfg.seed}",
+        {"verb": "pretrain", "method": cfg.names.method, "data": cfg.names.data},
+    )
     resume_dir = Path(cfg.paths.work_dir) / "pretrain" / out.name
     ckpt_cb = ModelCheckpoint(dirpath=resume_dir, save_last=True, save_top_k=0, every_n_epochs=1)
-    trainer = make_trainer(cfg.trainer, logger, callbacks=[ckpt_cb], max_epochs=int(sched.max_epochs),
-                           gradient_clip_val=sched.get("gradient_clip_val"),
-                           accumulate_grad_batches=int(sched.get("accumulate_grad_batches", 1)))
+    trainer = make_trainer(
+        cfg.trainer,
+        logger,
+        callbacks=[ckpt_cb],
+        max_epochs=int(sched.max_epochs),
+        gradient_clip_val=sched.get("gradient_clip_val"),
+        accumulate_grad_batches=int(sched.get("accumulate_grad_batches", 1)),
+    )
     last = resume_dir / "last.ckpt"
     trainer.fit(method, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
     if trainer.global_rank == 0:
-        info = {"method": cfg.names.method, "data": cfg.names.data, "seed": int(cfg.seed),
-                "code_version": code_version(), "pretrain_key": pretrain_key(cfg),
-                "epochs": trainer.current_epoch, "steps": trainer.global_step}
+        info = {
+            "method": cfg.names.method,
+            "data": cfg.names.data,
+            "seed": int(cfg.seed),
+            "code_version": code_version(),
+            "pretrain_key": pretrain_key(cfg),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+        }
         checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
         log.info("saved pre-trained %s to %s", cfg.names.method, out)
     return out
@@ -186,8 +215,17 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     if method.text_encoder is not None:
         task.data.tokenizer = method.text_encoder.tokenizer
     cell = results.cell_name(names.method, names.task, task.protocol, task.label_fraction, int(cfg.seed))
-    logger = tracking.make_logger(cfg.logger, f"eval/{cell}", {"verb": "run", "method": names.method,
-                                  "task": names.task, "task_version": task.version, "code_version": code_version()})
+    logger = tracking.make_logger(
+        cfg.logger,
+        f"eval/{cell}",
+        {
+            "verb": "run",
+            "method": names.method,
+            "task": names.task,
+            "task_version": task.version,
+            "code_version": code_version(),
+        },
+    )
     work = Path(cfg.paths.work_dir) / "eval" / cell
     ctx = EvalContext(
         make_trainer=functools.partial(make_trainer, cfg.trainer, logger, True, default_root_dir=str(work)),
@@ -200,8 +238,12 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     res = task.evaluate(method, ctx)
     rows = make_rows(cfg, task, method, res, ckpt_sha, tracking.run_id(logger), time.time() - t0)
     runs = Path(cfg.paths.results_dir) / "runs"
-    extra = {"subset_size": len(res.subset_ids or []), "subset_sha256": rows[0].subset_sha256,
-             "config": to_container(cfg), **res.extra}
+    extra = {
+        "subset_size": len(res.subset_ids or []),
+        "subset_sha256": rows[0].subset_sha256,
+        "config": to_container(cfg),
+        **res.extra,
+    }
     if res.subset_ids is not None and len(res.subset_ids) <= 5000:
         extra["subset_ids"] = res.subset_ids
     path = results.write_cell(runs, cell, rows, extra)
@@ -210,23 +252,36 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
         pred = Path(cfg.paths.results_dir) / "predictions" / f"{cell}.npz"
         results.save_predictions(pred, **res.predictions)
         files.append(pred)
-    tracking.log_final(logger, {f"{names.task}/{k}": v for k, v in res.metrics.items()},
-                       _flat_params(cfg), files)
+    tracking.log_final(logger, {f"{names.task}/{k}": v for k, v in res.metrics.items()}, _flat_params(cfg), files)
     return rows
 
 
-def make_rows(cfg: DictConfig, task: Task, method: Method, res: Any, ckpt_sha: str | None,
-              run_id: str | None, wall: float) -> list[results.ResultRow]:
+def make_rows(
+    cfg: DictConfig, task: Task, method: Method, res: Any, ckpt_sha: str | None, run_id: str | None, wall: float
+) -> list[results.ResultRow]:
     from .data import subset_checksum
 
     date = datetime.now(UTC).isoformat(timespec="seconds")
     subset_sha = subset_checksum(res.subset_ids) if res.subset_ids is not None else None
     common = dict(
-        method=cfg.names.method, impl_source=method.impl_source, task=cfg.names.task, task_version=task.version,
-        kind=task.kind, spatial_dims=int(task.data.spatial_dims), protocol=task.protocol,
-        label_fraction=task.label_fraction, seed=int(cfg.seed), higher_is_better=task.higher_is_better,
-        ckpt_sha256=ckpt_sha, code_version=code_version(), mlflow_run_id=run_id, date=date,
-        wall_time_s=round(wall, 2), device=device_name(cfg.trainer), n_test=res.n_test, subset_sha256=subset_sha,
+        method=cfg.names.method,
+        impl_source=method.impl_source,
+        task=cfg.names.task,
+        task_version=task.version,
+        kind=task.kind,
+        spatial_dims=int(task.data.spatial_dims),
+        protocol=task.protocol,
+        label_fraction=task.label_fraction,
+        seed=int(cfg.seed),
+        higher_is_better=task.higher_is_better,
+        ckpt_sha256=ckpt_sha,
+        code_version=code_version(),
+        mlflow_run_id=run_id,
+        date=date,
+        wall_time_s=round(wall, 2),
+        device=device_name(cfg.trainer),
+        n_test=res.n_test,
+        subset_sha256=subset_sha,
     )
     return [
         results.ResultRow(metric=k, value=float(v), primary=(k == task.primary), **common)

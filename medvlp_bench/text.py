@@ -38,9 +38,7 @@ class Tokenizer:
         self.max_length = max_length
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
-        out = self.hf(
-            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        out = self.hf(list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
@@ -83,7 +81,7 @@ class TextEncoder(nn.Module):
 def _bert_tiny(vocab_dir: Path, hidden: int, layers: int, heads: int) -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    vocab_size = sum(1 for _ in open(vocab_dir / "vocab.txt", encoding="utf-8"))
+    vocab_size = len((vocab_dir / "vocab.txt").read_text(encoding="utf-8").splitlines())
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from medvlp_bench.augment import BatchAugment
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.method import Method
 from medvlp_bench.task import EvalContext, Task, TaskResult, extract, state_checksum
@@ -56,17 +57,30 @@ class _Classifier(L.LightningModule):
     """Linear head, optionally on top of a trainable encoder (fine-tune protocol)."""
 
     def __init__(
-        self, in_dim: int, n_out: int, task_type: str, lr: float, weight_decay: float,
-        backbone: Method | None = None, backbone_lr_scale: float = 0.1,
+        self,
+        in_dim: int,
+        n_out: int,
+        task_type: str,
+        lr: float,
+        weight_decay: float,
+        backbone: Method | None = None,
+        backbone_lr_scale: float = 0.1,
+        augment: BatchAugment | None = None,
     ) -> None:
         super().__init__()
         self.head = nn.Linear(in_dim, n_out)
+        self.augment = augment
         self.backbone, self.task_type = backbone, task_type
         self.lr, self.weight_decay, self.backbone_lr_scale = lr, weight_decay, backbone_lr_scale
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         x = self.backbone.encode_image(batch["image"]) if self.backbone is not None else batch["feature"]
         return self.head(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augment is not None and self.backbone is not None and self.trainer.training:
+            return self.augment(batch)
+        return batch
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.task_type == "multiclass":
@@ -189,7 +203,8 @@ class Classification(Task):
             mu, sd = torch.zeros_like(mu), torch.ones_like(sd)
 
         def loader(d: dict[str, Any], shuffle: bool) -> DataLoader:
-            return DataLoader(_FeatureSet((d["out"] - mu) / sd, d["label"]), batch_size=self.batch_size, shuffle=shuffle)
+            features = _FeatureSet((d["out"] - mu) / sd, d["label"])
+            return DataLoader(features, batch_size=self.batch_size, shuffle=shuffle)
 
         model = _Classifier(train["out"].shape[1], self.n_outputs, dm.task_type, self.lr, self.weight_decay)
         return _Plan(model, loader(train, True), loader(val, False), loader(test, False), test["id"], test["label"])
@@ -200,8 +215,14 @@ class Classification(Task):
         if backbone.text_encoder is not None:
             backbone.text_encoder.requires_grad_(False)  # only the image encoder is fine-tuned
         model = _Classifier(
-            method.image_encoder.out_dim, self.n_outputs, dm.task_type, self.lr, self.weight_decay,
-            backbone=backbone, backbone_lr_scale=self.backbone_lr_scale,
+            method.image_encoder.out_dim,
+            self.n_outputs,
+            dm.task_type,
+            self.lr,
+            self.weight_decay,
+            backbone=backbone,
+            backbone_lr_scale=self.backbone_lr_scale,
+            augment=dm.batch_augment,
         )
         bs = min(self.batch_size, len(subset))
         rows = dm.rows("test")

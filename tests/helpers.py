@@ -1,0 +1,30 @@
+"""Helpers shared by the tests (importable because pytest's pythonpath includes tests/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: overrides that make any phantom run take seconds: tiny data, tiny encoders, one epoch, no logger
+TINY = [
+    "trainer.progress=none",
+    "logger=none",
+    "method.model.image_encoder.name=resnet_tiny",
+    "method.pretrain.max_epochs=1",
+    "method.pretrain.batch_size=8",
+    "task.max_epochs=3",
+    "task.patience=2",
+    "task.batch_size=16",
+]
+
+
+def tiny_data(prefix: str = "task.data") -> list[str]:
+    return [f"{prefix}.n_train=32", f"{prefix}.n_val=12", f"{prefix}.n_test=12", f"{prefix}.batch_size=8"]
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("MEDBENCH_SHARED_DATA", repo_root().parent / "shared" / "data"))
