@@ -16,7 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from . import results
-from .config import compose
+from .config import compose, tiny_overrides
 from .run import evaluate, with_corpus
 
 log = logging.getLogger("medvlp_bench")
@@ -45,6 +45,7 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
                         ov = [f"method={method}", f"task={task}", f"seed={seed}"]
                         ov += [f"task.label_fraction={frac}"] if frac is not None else []
                         ov += [f"task.protocol={protocol}"] if protocol is not None else []
+                        ov += tiny_overrides(method) if s.get("tiny") else []
                         out.append(ov + list(s.get("overrides") or []) + passthrough)
     return out
 
@@ -54,13 +55,11 @@ def applicable(task_cfg: DictConfig, protocol: str | None) -> bool:
     return protocol is None or "classification" in str(task_cfg.get("_target_", ""))
 
 
-def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
-    report = BenchReport()
-    t0 = time.time()
-    runs = Path(cfg.paths.results_dir) / "runs"
-    grid = cells(cfg, passthrough)
+def plan(cfg: DictConfig, passthrough: list[str]) -> list[tuple[str, DictConfig, list[str]]]:
+    """Compose every cell up front, so a bad name or key fails before any work; drop duplicates."""
+    out: list[tuple[str, DictConfig, list[str]]] = []
     seen: set[str] = set()
-    for i, ov in enumerate(grid, 1):
+    for ov in cells(cfg, passthrough):
         run_cfg = compose("run", ov)
         protocol = next((o.split("=", 1)[1] for o in ov if o.startswith("task.protocol=")), None)
         if not applicable(run_cfg.task, protocol):
@@ -69,9 +68,18 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
         name = results.cell_name(
             run_cfg.names.method, run_cfg.names.task, str(t.protocol), float(t.label_fraction), int(run_cfg.seed)
         )
-        if name in seen:
-            continue
-        seen.add(name)
+        if name not in seen:
+            seen.add(name)
+            out.append((name, run_cfg, ov))
+    return out
+
+
+def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
+    report = BenchReport()
+    t0 = time.time()
+    runs = Path(cfg.paths.results_dir) / "runs"
+    grid = plan(cfg, passthrough)
+    for i, (name, run_cfg, ov) in enumerate(grid, 1):
         if results.cell_exists(runs, name):
             report.skipped.append(name)
             continue

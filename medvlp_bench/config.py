@@ -85,7 +85,7 @@ def compose(root: str, overrides: list[str] | None = None) -> DictConfig:
 def _explain(root: str, overrides: list[str], err: Exception) -> str:
     msg = str(err)
     if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
-        bad = next((o for o in overrides if o.lstrip("+~").split("=")[0] in msg), None)
+        bad = next((o for o in overrides if f"'{o.lstrip('+~').split('=')[0]}'" in msg), None)
         if bad is not None:
             key = bad.lstrip("+~").split("=")[0]
             parent, _, leaf = key.rpartition(".")
@@ -131,3 +131,9 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
 
 def to_container(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+
+
+def tiny_overrides(method: str) -> list[str]:
+    """The method's own ``tiny:`` overrides (CPU smoke tests and ``suite=smoke``), prefixed for a run config."""
+    cfg = compose("pretrain", [f"method={method}", "data=phantom_cxr"])
+    return [str(o) for o in (cfg.method.get("tiny") or [])]

@@ -156,6 +156,7 @@ class MedDataModule(L.LightningDataModule):
     """
 
     spatial_dims: int = 2
+    in_channels: int = 1
 
     def __init__(
         self,

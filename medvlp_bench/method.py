@@ -93,6 +93,18 @@ class Method(L.LightningModule):
             out.append(F.normalize(self.embed_text(tok).mean(0), dim=-1))
         return torch.stack(out)
 
+    def adapt_to_input(self, in_channels: int) -> None:
+        """Make the image encoder accept ``in_channels`` (called before evaluation on a task's data).
+
+        The base class only checks; a method pre-trained on one channel that supports multi-channel
+        downstream data (e.g. BrainMVP's patch-embedding drop/inflate) overrides this.
+        """
+        have = getattr(self.image_encoder, "in_channels", in_channels)
+        if have != in_channels:
+            raise ValueError(
+                f"{type(self).__name__} encoder takes {have} input channel(s), the task's data has {in_channels}"
+            )
+
     # ---- plumbing ------------------------------------------------------------------------------
     def gather(self, x: Tensor) -> Tensor:
         """All-gather across ranks with gradients (identity on one process)."""

@@ -188,12 +188,14 @@ def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
 
 # ---- evaluation ----------------------------------------------------------------------------------
 def with_corpus(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Fill ``cfg.data`` with the pre-training corpus: the user's ``data=``, else ``task.pretrain_data``,
-    else the task's own data (its training split, reports, no labels)."""
+    """Fill ``cfg.data`` with the pre-training corpus, first found of: the user's ``data=``, the method's
+    ``pretrain.data`` (e.g. UniMedI's joint 2D+3D corpus), the task's ``pretrain_data``, the task's own data
+    (its training split, reports, no labels)."""
     if cfg.get("data") is not None:
         return cfg
-    if cfg.task.get("pretrain_data"):
-        return compose("run", [*overrides, f"data={cfg.task.pretrain_data}"])
+    named = cfg.method.pretrain.get("data") or cfg.task.get("pretrain_data")
+    if named:
+        return compose("run", [*overrides, f"data={named}"])
     with open_dict(cfg):
         cfg.data = OmegaConf.masked_copy(cfg.task, ["data"]).data
         cfg.data.target = "label"
@@ -209,6 +211,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():
         return []
+    method.adapt_to_input(int(task.data.in_channels))
     if (reason := task.skip_reason(method)) is not None:
         log.warning("skipping %s on %s: %s", names.method, names.task, reason)
         return []

@@ -1,0 +1,420 @@
+"""Paired comparison of two methods on the same test samples: DeLong's test for AUROC, a paired bootstrap
+for everything else, and the metric functions both use on the saved per-sample predictions.
+
+The leaderboard's t-interval over seeds says how much a method varies with the seed; it cannot say whether
+A beats B on this test set. Both methods are scored on the same test samples, so the comparison is paired:
+
+- **DeLong** (fast midrank algorithm of Sun & Xu 2014): each sample's influence on the AUC (its placement
+  value) gives the variance of AUC_A - AUC_B, covariance between the two methods included. Written as a
+  per-sample influence vector, macro AUROC over classes and the mean over seeds are averages of vectors.
+- **Paired bootstrap**: resample test indices with replacement, the same indices for both methods (and
+  for every seed), recompute the metric difference; percentile CI, two-sided p-value against the shifted
+  null (``|d* - d| >= |d|``, +1 smoothed).
+
+Per-sample predictions are ``results/predictions/<cell>.npz``: classification and zero-shot store
+``id, target, score``; segmentation ``id, dice [N, K], class_names``; retrieval ``id, rank_i2t, ties_i2t,
+rank_t2i, ties_t2i`` (mid-rank of the true match, and how many other candidates tie with it).
+The pooled row averages the per-seed differences; its interval is over test samples only (seed variance is
+what the leaderboard interval shows).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+from scipy.stats import rankdata
+
+Preds = dict[str, np.ndarray]
+
+
+# ---- DeLong ------------------------------------------------------------------------------------------
+def delong_components(target: np.ndarray, score: np.ndarray) -> tuple[float, np.ndarray]:
+    """AUC of one binary problem and each sample's scaled influence ``phi`` (``sum(phi**2)`` = DeLong variance).
+
+    Midranks give the placement values: V10 (positives: fraction of negatives scored lower, ties half) and
+    V01 (negatives: fraction of positives scored higher). phi = (V - AUC) / sqrt(m (m - 1)) for positives and
+    / sqrt(n (n - 1)) for negatives, so ``sum(phi_a * phi_b)`` is DeLong's covariance S10/m + S01/n.
+    """
+    y = np.asarray(target).astype(bool).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    m, n = int(y.sum()), int((~y).sum())
+    phi = np.full(len(y), np.nan)
+    if m == 0 or n == 0:
+        return float("nan"), phi
+    r_all = rankdata(s)
+    auc = (r_all[y].sum() - m * (m + 1) / 2) / (m * n)
+    v10 = (r_all[y] - rankdata(s[y])) / n
+    v01 = 1.0 - (r_all[~y] - rankdata(s[~y])) / m
+    if m > 1 and n > 1:
+        phi[y] = (v10 - auc) / np.sqrt(m * (m - 1))
+        phi[~y] = (v01 - auc) / np.sqrt(n * (n - 1))
+    return float(auc), phi
+
+
+def _one_vs_rest(target: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] binary targets and scores: multi-label as is, multi-class one-hot, binary as one column."""
+    target, score = np.asarray(target), np.asarray(score, dtype=np.float64)
+    if score.ndim == 1 or (score.ndim == 2 and score.shape[1] == 1):
+        return target.reshape(-1, 1), score.reshape(-1, 1)
+    if target.ndim == 1:  # multi-class: one-vs-rest, as torchmetrics' macro multiclass AUROC
+        return np.eye(score.shape[1], dtype=bool)[target.astype(int)], score
+    return target, score
+
+
+def auroc_per_class(target: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """One AUROC per class (one-vs-rest for multi-class), NaN for a class without positives or negatives."""
+    t, s = _one_vs_rest(target, score)
+    return np.array([delong_components(t[:, k], s[:, k])[0] for k in range(t.shape[1])])
+
+
+def macro_components(parts: Sequence[tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:
+    """Macro AUC over the classes that have both positives and negatives, and its influence vector."""
+    keep = [p for p in parts if np.isfinite(p[0])]
+    if not keep:
+        return float("nan"), np.full(len(parts[0][1]), np.nan)
+    return float(np.mean([p[0] for p in keep])), np.mean([p[1] for p in keep], axis=0)
+
+
+def z_test(diff: float, var: float, level: float = 0.95, null: float = 0.0) -> tuple[float, float, float]:
+    """Two-sided normal p-value of ``diff`` against ``null`` and the ``level`` interval of ``diff``."""
+    se = float(np.sqrt(max(var, 0.0)))
+    half = sps.norm.ppf(0.5 + level / 2) * se
+    if se == 0.0:
+        return (1.0 if diff == null else 0.0), diff - half, diff + half
+    return float(2 * sps.norm.sf(abs(diff - null) / se)), diff - half, diff + half
+
+
+def delong(
+    target: np.ndarray, score_a: np.ndarray, score_b: np.ndarray | None = None, level: float = 0.95
+) -> pd.DataFrame:
+    """DeLong's test, one row per class (one-vs-rest) plus ``macro`` when there are several.
+
+    With ``score_b`` each row tests AUC_A - AUC_B on the same samples; without it, AUC_A is tested against
+    0.5 and ``diff`` is AUC_A with its DeLong interval.
+    """
+    t, sa = _one_vs_rest(target, score_a)
+    sb = None if score_b is None else _one_vs_rest(target, score_b)[1]
+    if sb is not None and sb.shape != sa.shape:
+        raise ValueError(f"score_a {sa.shape} and score_b {sb.shape} must have the same shape")
+    parts_a = [delong_components(t[:, k], sa[:, k]) for k in range(t.shape[1])]
+    parts_b = None if sb is None else [delong_components(t[:, k], sb[:, k]) for k in range(t.shape[1])]
+    names: list[object] = list(range(t.shape[1]))
+    if t.shape[1] > 1:
+        names.append("macro")
+        parts_a.append(macro_components(parts_a))
+        if parts_b is not None:
+            parts_b.append(macro_components(parts_b))
+    out = []
+    for i, name in enumerate(names):
+        (auc_a, phi_a), (auc_b, phi_b) = parts_a[i], (parts_b[i] if parts_b else (float("nan"), 0.0))
+        diff = auc_a - auc_b if parts_b else auc_a
+        var = float(np.sum((phi_a - phi_b) ** 2))
+        p, lo, hi = z_test(diff, var, level, null=0.0 if parts_b else 0.5)
+        out.append(
+            {"class": name, "auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": np.sqrt(var)}
+            | {"ci_low": lo, "ci_high": hi, "p_value": p}
+        )
+    return pd.DataFrame(out)
+
+
+# ---- bootstrap ---------------------------------------------------------------------------------------
+@dataclass
+class BootstrapResult:
+    estimate: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_boot: int  # resamples where the difference was defined (e.g. a class kept its positives)
+
+
+def paired_bootstrap(
+    diff: Callable[[np.ndarray], float], n: int, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> BootstrapResult:
+    """Bootstrap ``diff(idx)`` (metric of A minus metric of B on test samples ``idx``) over ``n`` samples.
+
+    The caller's ``diff`` applies the same ``idx`` to both methods (and all seeds): that is what pairs them.
+    """
+    if n < 2:
+        raise ValueError(f"paired bootstrap needs at least 2 test samples, got {n}")
+    rng = np.random.default_rng(seed)
+    observed = float(diff(np.arange(n)))
+    boots = np.array([diff(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=np.float64)
+    boots = boots[np.isfinite(boots)]
+    if not len(boots) or not np.isfinite(observed):
+        return BootstrapResult(observed, float("nan"), float("nan"), float("nan"), len(boots))
+    lo, hi = np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2])
+    p = (1 + np.sum(np.abs(boots - observed) >= abs(observed) - 1e-12)) / (len(boots) + 1)
+    return BootstrapResult(observed, float(lo), float(hi), float(min(p, 1.0)), len(boots))
+
+
+# ---- metrics from saved predictions ------------------------------------------------------------------
+def recall_at_k(rank: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
+    """Per-query probability that the true match is in the top ``k`` when ties are broken at random.
+
+    ``rank`` is the mid-rank of the true match (1 + #higher + ties/2): a constant scorer gets k/N, not 1.
+    """
+    rank, ties = np.asarray(rank, dtype=np.float64), np.asarray(ties, dtype=np.float64)
+    higher = rank - 1 - ties / 2
+    return np.clip(k - higher, 0, ties + 1) / (ties + 1)
+
+
+def _retrieval_metric(p: Preds, metric: str) -> float:
+    if metric == "r_mean":
+        names = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        return float(np.mean([_retrieval_metric(p, n) for n in names]))
+    m = re.fullmatch(r"(i2t|t2i)_(r(\d+)|medr)", metric)
+    if m is None:
+        raise KeyError(f"unknown retrieval metric {metric!r}; use i2t_r<k>, t2i_r<k>, i2t_medr, t2i_medr, r_mean")
+    d = m.group(1)
+    if m.group(2) == "medr":
+        return float(np.median(p[f"rank_{d}"]))
+    return float(recall_at_k(p[f"rank_{d}"], p[f"ties_{d}"], int(m.group(3))).mean())
+
+
+def _segmentation_metric(p: Preds, metric: str) -> float:
+    base, _, cls = metric.partition("/")
+    if base not in p:
+        raise KeyError(f"segmentation predictions hold {sorted(p)}, not {base!r}")
+    values = np.asarray(p[base], dtype=np.float64)
+    values = np.where(np.isinf(values), np.nan, values)
+    counts = np.isfinite(values).sum(0)
+    per_class = np.where(counts > 0, np.nansum(values, 0) / np.maximum(counts, 1), np.nan)
+    if cls:
+        names = [str(c) for c in p["class_names"]]
+        if cls not in names:
+            raise KeyError(f"class {cls!r} not among {names}")
+        return float(per_class[names.index(cls)])
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+
+
+def _classification_metric(p: Preds, metric: str) -> float:
+    import torch
+    import torchmetrics.functional as tmf
+
+    target, score = np.asarray(p["target"]), np.asarray(p["score"], dtype=np.float32)
+    if metric == "auroc":
+        per = auroc_per_class(target, score)
+        return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+    if metric not in ("acc", "f1"):
+        raise KeyError(f"unknown classification metric {metric!r}; use auroc, acc or f1")
+    fn = tmf.accuracy if metric == "acc" else tmf.f1_score
+    s, y = torch.from_numpy(score), torch.from_numpy(target).long()
+    if score.ndim == 2 and target.ndim == 2:
+        return float(fn(s, y, task="multilabel", num_labels=s.shape[1], average="macro"))
+    if score.ndim == 2 and score.shape[1] > 1:
+        avg = "micro" if metric == "acc" else "macro"  # as tasks/classification.py reports them
+        return float(fn(s, y, task="multiclass", num_classes=s.shape[1], average=avg))
+    return float(fn(s.view(-1), y.view(-1), task="binary"))
+
+
+def prediction_kind(p: Preds) -> str:
+    """classification | segmentation | retrieval, from the arrays a prediction file holds."""
+    if "rank_i2t" in p:
+        return "retrieval"
+    if "dice" in p:
+        return "segmentation"
+    if "target" in p and "score" in p:
+        return "classification"
+    raise ValueError(f"unrecognised prediction arrays {sorted(p)}")
+
+
+def metric_value(p: Preds, metric: str) -> float:
+    """The task's metric recomputed from per-sample predictions (what the bootstrap resamples)."""
+    fn = {
+        "retrieval": _retrieval_metric,
+        "segmentation": _segmentation_metric,
+        "classification": _classification_metric,
+    }[prediction_kind(p)]
+    return fn(p, metric)
+
+
+def take(p: Preds, idx: np.ndarray) -> Preds:
+    """The per-sample arrays at ``idx`` (per-file arrays such as ``class_names`` kept whole)."""
+    n = len(p["id"])
+    return {k: (v[idx] if k != "class_names" and v.ndim and len(v) == n else v) for k, v in p.items()}
+
+
+# ---- comparing two methods from saved predictions ----------------------------------------------------
+_DEFAULT_METRIC = {"classification": "auroc", "segmentation": "dice", "retrieval": "r_mean"}
+
+
+def load_predictions(path: Path) -> Preds:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _seed_files(pred_dir: Path, task: str, method: str, protocol: str, fraction: float) -> dict[int, Path]:
+    prefix = f"{task}__{method}__{protocol}__f{fraction:g}__s"
+    found = {p.name[len(prefix) : -4]: p for p in pred_dir.glob(f"{prefix}*.npz")}
+    return {int(s): p for s, p in found.items() if s.isdigit()}
+
+
+def _cells(pred_dir: Path, task: str, method: str) -> set[tuple[str, float]]:
+    pat = re.compile(rf"{re.escape(task)}__{re.escape(method)}__(.+)__f([0-9.e+-]+)__s\d+\.npz")
+    return {(m[1], float(m[2])) for p in pred_dir.glob("*.npz") if (m := pat.fullmatch(p.name))}
+
+
+def _primary(results_dir: Path, cell_file: Path) -> str | None:
+    runs = results_dir / "runs" / f"{cell_file.stem}.json"
+    if not runs.is_file():
+        return None
+    rows = json.loads(runs.read_text()).get("rows", [])
+    return next((r["metric"] for r in rows if r.get("primary")), None)
+
+
+def _aligned(p: Preds, order: np.ndarray, what: str) -> Preds:
+    """``p`` reordered to the sample ids ``order``: paired tests need the same test samples on both sides."""
+    ids = np.asarray(p["id"]).astype(str)
+    if len(ids) != len(order) or set(ids) != set(order):
+        raise ValueError(f"{what}: test ids differ from the reference cell ({len(ids)} vs {len(order)} samples)")
+    pos = {s: i for i, s in enumerate(ids)}
+    return take(p, np.array([pos[s] for s in order]))
+
+
+def _test(a: list[Preds], b: list[Preds], metric: str, test: str, n_boot: int, seed: int, level: float) -> dict:
+    """One comparison row over the given seeds: the mean over seeds of A - B, paired over test samples."""
+    value_a = float(np.mean([metric_value(p, metric) for p in a]))
+    value_b = float(np.mean([metric_value(p, metric) for p in b]))
+    if test == "delong":
+        pa = [macro_components(_parts(p)) for p in a]
+        pb = [macro_components(_parts(p)) for p in b]
+        diff = float(np.mean([x[0] - y[0] for x, y in zip(pa, pb)]))
+        phi = np.mean([x[1] - y[1] for x, y in zip(pa, pb)], axis=0)
+        p_value, lo, hi = z_test(diff, float(np.sum(phi**2)), level)
+    else:
+
+        def delta(idx: np.ndarray) -> float:
+            return float(
+                np.mean([metric_value(take(x, idx), metric) - metric_value(take(y, idx), metric) for x, y in zip(a, b)])
+            )
+
+        res = paired_bootstrap(delta, len(a[0]["id"]), n_boot=n_boot, seed=seed, level=level)
+        diff, lo, hi, p_value = res.estimate, res.ci_low, res.ci_high, res.p_value
+    return dict(value_a=value_a, value_b=value_b, diff=diff, ci_low=lo, ci_high=hi, p_value=p_value, test=test)
+
+
+def _parts(p: Preds) -> list[tuple[float, np.ndarray]]:
+    t, s = _one_vs_rest(p["target"], p["score"])
+    return [delong_components(t[:, k], s[:, k]) for k in range(t.shape[1])]
+
+
+def compare(
+    results_dir: str | Path,
+    method_a: str,
+    method_b: str,
+    task: str,
+    protocol: str | None = None,
+    label_fraction: float | None = None,
+    metric: str | None = None,
+    n_boot: int = 2000,
+    test: str = "auto",
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Paired comparison of A and B on one task cell: a row per seed both have, and a ``pooled`` row.
+
+    ``protocol``/``label_fraction`` default to the only combination both methods have results for.
+    ``metric`` defaults to the task's primary metric. ``test``: ``auto`` (DeLong for ``auroc``, bootstrap
+    otherwise), ``delong`` or ``bootstrap``.
+    """
+    results_dir = Path(results_dir)
+    pred_dir = results_dir / "predictions"
+    if protocol is None or label_fraction is None:
+        both = _cells(pred_dir, task, method_a) & _cells(pred_dir, task, method_b)
+        both = {c for c in both if protocol in (None, c[0]) and label_fraction in (None, c[1])}
+        if len(both) != 1:
+            raise ValueError(
+                f"{pred_dir}: give protocol= and label_fraction=; results for both {method_a} and {method_b} "
+                f"on {task} exist for {sorted(both) or 'no (protocol, label_fraction)'}"
+            )
+        protocol, label_fraction = next(iter(both))
+    files_a = _seed_files(pred_dir, task, method_a, protocol, label_fraction)
+    files_b = _seed_files(pred_dir, task, method_b, protocol, label_fraction)
+    seeds = sorted(set(files_a) & set(files_b))
+    if not seeds:
+        raise FileNotFoundError(
+            f"no seed with predictions for both methods in {pred_dir} ({task}, {protocol}, f{label_fraction:g}): "
+            f"{method_a} has seeds {sorted(files_a)}, {method_b} has {sorted(files_b)}"
+        )
+    a = [load_predictions(files_a[s]) for s in seeds]
+    b = [load_predictions(files_b[s]) for s in seeds]
+    kind = prediction_kind(a[0])
+    metric = metric or _primary(results_dir, files_a[seeds[0]]) or _DEFAULT_METRIC[kind]
+    if test == "auto":
+        test = "delong" if kind == "classification" and metric == "auroc" else "bootstrap"
+    if test not in ("delong", "bootstrap"):
+        raise ValueError(f"test must be auto, delong or bootstrap, got {test!r}")
+    if test == "delong" and (kind != "classification" or metric != "auroc"):
+        raise ValueError(f"DeLong tests macro AUROC of score predictions, not {metric!r} of {kind}")
+    order = np.asarray(a[0]["id"]).astype(str)
+    a = [_aligned(p, order, f"{method_a} seed {s}") for p, s in zip(a, seeds)]
+    b = [_aligned(p, order, f"{method_b} seed {s}") for p, s in zip(b, seeds)]
+    common = dict(task=task, protocol=protocol, label_fraction=label_fraction, metric=metric)
+    common |= dict(method_a=method_a, method_b=method_b, n_test=len(order))
+    rows = [
+        {**common, "seed": str(s), "n_seeds": 1, **_test([x], [y], metric, test, n_boot, seed, level)}
+        for s, x, y in zip(seeds, a, b)
+    ]
+    rows.append({**common, "seed": "pooled", "n_seeds": len(seeds), **_test(a, b, metric, test, n_boot, seed, level)})
+    return pd.DataFrame(rows)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = ["seed", "metric", "value_a", "value_b", "diff", "ci_low", "ci_high", "p_value", "test", "n_test"]
+    fmt = [(f"{v:.4f}" if isinstance(v, float) else str(v)) for r in df[cols].itertuples(index=False) for v in r]
+    rows = [fmt[i : i + len(cols)] for i in range(0, len(fmt), len(cols))]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main_compare(argv: Sequence[str]) -> int:
+    """``medbench compare A B task=<t> [protocol=..] [label_fraction=..] [metric=..] [n_boot=..] [test=..]``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="medbench compare", description="paired test of method A against B")
+    ap.add_argument("method_a")
+    ap.add_argument("method_b")
+    ap.add_argument("options", nargs="*", help="task=<t> protocol= label_fraction= metric= n_boot= test= seed=")
+    ap.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
+    ap.add_argument("--format", choices=("md", "csv"), default="md")
+    args = ap.parse_args(list(argv))
+    casts = {"task": str, "protocol": str, "label_fraction": float, "metric": str, "n_boot": int, "test": str}
+    casts["seed"] = int
+    kw: dict[str, object] = {}
+    for opt in args.options:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in casts:
+            print(
+                f"medbench compare: error: bad option {opt!r}; use key=value with key in {sorted(casts)}",
+                file=sys.stderr,
+            )
+            return 2
+        kw[key] = casts[key](value)
+    if "task" not in kw:
+        print("medbench compare: error: task=<name> is required", file=sys.stderr)
+        return 2
+    try:
+        df = compare(args.results or default_results_dir(), args.method_a, args.method_b, **kw)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"medbench compare: error: {e}", file=sys.stderr)
+        return 2
+    print(df.to_csv(index=False) if args.format == "csv" else _markdown(df), end="")
+    return 0
+
+
+def default_results_dir() -> Path:
+    """``paths.results_dir`` of the default paths config (honours MEDBENCH_RESULTS and MEDBENCH_HOME)."""
+    from omegaconf import OmegaConf
+
+    from .config import config_dir
+
+    cfg = OmegaConf.create({"paths": OmegaConf.load(config_dir() / "paths" / "default.yaml")})
+    return Path(str(cfg.paths.results_dir))

@@ -1,0 +1,67 @@
+"""Every method in configs/method/ (no test edit needed for a new one): 2D and 3D steps, grads, embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvlp_bench.config import compose, instantiate, options, tiny_overrides
+from medvlp_bench.method import Method
+
+SIZES = {"phantom_cxr_cls": 32, "phantom_ct_cls": 32, "phantom_mri_cls": 32}
+
+
+def _setup(method: str, task: str, cache: str) -> tuple[Method, dict]:
+    cfg = compose(
+        "run",
+        [
+            f"method={method}",
+            f"task={task}",
+            f"task.data.size={SIZES[task]}",
+            "task.data.n_train=8",
+            "task.data.n_val=2",
+            "task.data.n_test=2",
+            f"task.data.cache_dir={cache}",
+            *tiny_overrides(method),
+        ],
+    )
+    torch.manual_seed(0)
+    m: Method = instantiate(cfg.method.model)
+    dm = instantiate(cfg.task.data)
+    if m.text_encoder is not None:
+        dm.tokenizer = m.text_encoder.tokenizer
+    batch = next(iter(dm.loader("train", train=True, batch_size=4)))
+    return m, batch
+
+
+@pytest.mark.parametrize("task", ["phantom_cxr_cls", "phantom_ct_cls"])
+@pytest.mark.parametrize("method", options("method"))
+def test_method_step_and_embeddings(method: str, task: str, phantom_cache) -> None:
+    m, batch = _setup(method, task, str(phantom_cache))
+    feats = m.encode_image(batch["image"])
+    assert feats.shape[0] == 4 and feats.ndim == 2 and torch.isfinite(feats).all()
+    if m.has_text_tower:
+        img, txt = m.embed_image(batch["image"]), m.embed_text(batch["text"])
+        assert img.shape == txt.shape and img.shape[0] == 4
+        assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-4)
+    if not m.needs_pretraining:
+        with pytest.raises(NotImplementedError):
+            m.pretrain_step(batch)
+        return
+    m.train()
+    out = m.pretrain_step(batch)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    enc_grads = [p.grad for p in m.image_encoder.parameters() if p.requires_grad]
+    assert enc_grads and all(g is not None and torch.isfinite(g).all() for g in enc_grads)
+    assert any(g.abs().sum() > 0 for g in enc_grads)
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_method_adapts_or_refuses_other_channel_counts(method: str, phantom_cache) -> None:
+    m, _ = _setup(method, "phantom_cxr_cls", str(phantom_cache))
+    m.adapt_to_input(1)
+    try:
+        m.adapt_to_input(4)
+    except ValueError as e:
+        assert "channel" in str(e)
