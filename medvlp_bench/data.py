@@ -9,6 +9,7 @@ preprocessing -- is decided here, never in a method.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
@@ -196,7 +197,21 @@ class MedDataModule(L.LightningDataModule):
         """Deterministic intensity preprocessing (windowing, normalisation), applied to ``image``."""
         return []
 
-    # ---- provided ------------------------------------------------------------------------------
+    # ---- provided ------
+    def cache_key(self) -> str:
+        """Identifies the data a frozen encoder sees (the manifest's ids and the preprocessing settings)."""
+        loader_only = {"batch_size", "eval_batch_size", "num_workers", "pin_memory", "target", "has_masks"}
+        settings = {
+            k: v
+            for k, v in vars(self).items()
+            if isinstance(v, int | float | str | bool) and not k.startswith("_") and k not in loader_only
+        }
+        blob = json.dumps(
+            [type(self).__name__, settings, self.manifest["id"].astype(str).tolist()], sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------------------------------------
     @cached_property
     def manifest(self) -> pd.DataFrame:
         df = self.build_manifest()

@@ -236,6 +236,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
         work_dir=work,
         device=torch.device("cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu"),
         precision=str(cfg.trainer.get("precision", "32-true")),
+        weights_key=ckpt_sha or f"init:{names.method}:s{cfg.seed}:{pretrain_key(cfg)}",
     )
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     res = task.evaluate(method, ctx)

@@ -29,6 +29,26 @@ class EvalContext:
     work_dir: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "32-true"
+    #: identifies the evaluated weights (checkpoint sha or seeded init); enables the frozen-feature cache
+    weights_key: str | None = None
+
+    def cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Frozen-encoder outputs are the same for every label fraction: compute once per weights and data.
+
+        Only used for frozen protocols; the cache holds a few entries and lives for the process (a bench).
+        """
+        if self.weights_key is None:
+            return compute()
+        key = (self.weights_key, name)
+        if key not in _FEATURE_CACHE:
+            while len(_FEATURE_CACHE) >= _FEATURE_CACHE_SIZE:
+                _FEATURE_CACHE.pop(next(iter(_FEATURE_CACHE)))
+            _FEATURE_CACHE[key] = compute()
+        return _FEATURE_CACHE[key]
+
+
+_FEATURE_CACHE: dict[tuple[str, str], dict[str, Any]] = {}
+_FEATURE_CACHE_SIZE = 12
 
 
 @dataclass

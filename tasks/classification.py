@@ -189,8 +189,11 @@ class Classification(Task):
         before = state_checksum(method)
         method.to(ctx.device)
 
-        def feats(split: str, ids: list[str] | None = None) -> dict[str, Any]:
-            return extract(lambda b: method.encode_image(b["image"]), dm.loader(split, ids=ids), ctx)
+        def feats(split: str) -> dict[str, Any]:
+            return ctx.cached(
+                f"{dm.name}/{dm.cache_key()}/{split}/encode_image",
+                lambda: extract(lambda b: method.encode_image(b["image"]), dm.loader(split), ctx),
+            )
 
         full_train = feats("train")
         keep = np.isin(np.asarray(full_train["id"]), subset)
