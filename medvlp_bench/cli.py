@@ -1,4 +1,4 @@
-"""``medbench``: run | pretrain | bench | leaderboard | list.
+"""``medbench``: run | pretrain | bench | leaderboard | list | compare | data.
 
 Overrides are Hydra-style (``method=clip task=phantom_cxr_cls seed=1 trainer=gpu method.model.lr=3e-4``).
 Lightning's DDP launcher re-runs ``sys.argv`` for the other ranks; since the verb stays in ``sys.argv``
@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-VERBS = ("run", "pretrain", "bench", "leaderboard", "list")
+VERBS = ("run", "pretrain", "bench", "leaderboard", "list", "data", "compare")
 
 
 def _setup_logging(verbose: bool, heavy: bool) -> None:
@@ -63,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
     lb.add_argument("--format", choices=("csv", "md"), default="md", help="what to print")
     sub.add_parser("list", help="methods, tasks, datasets, suites and trainers found in the configs")
+    cp = sub.add_parser(
+        "compare", add_help=False, help="paired test of method A vs B on one task (DeLong for AUROC, else bootstrap)"
+    )
+    cp.add_argument("args", nargs=argparse.REMAINDER)
+    dp = sub.add_parser("data", help="real datasets: list | check <data> [key=value ...] | splits <data> [...]")
+    dp.add_argument("action", choices=("list", "check", "splits"))
+    dp.add_argument("name", nargs="?", help="a data config (configs/data/<name>.yaml), for check and splits")
+    dp.add_argument(
+        "overrides", nargs="*", help="root=..., paths.data_dir=..., workers=N, limit=N; splits: out=DIR, seeds=[0,1,2]"
+    )
     return p
 
 
@@ -121,18 +131,38 @@ def cmd_bench(overrides: list[str]) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_data(action: str, name: str | None, overrides: list[str]) -> int:
+    from .datacli import data_check, data_list, data_splits
+
+    if action == "list":
+        print(data_list(), end="")
+        return 0
+    if not name:
+        example = f"medbench data {action} rsna root=/data/rsna"
+        print(f"medbench data {action}: name a data config, e.g. {example}", file=sys.stderr)
+        return 2
+    return (data_check if action == "check" else data_splits)(name, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose, heavy=args.verb in ("run", "pretrain", "bench"))
     from .config import ConfigError
+    from .datasets._errors import DataError
 
     try:
         if args.verb == "list":
             return cmd_list()
+        if args.verb == "compare":
+            from .stats import main_compare
+
+            return main_compare(args.args)
+        if args.verb == "data":
+            return cmd_data(args.action, args.name, args.overrides)
         if args.verb == "leaderboard":
             return cmd_leaderboard(args.results, args.format)
         return {"run": cmd_run, "pretrain": cmd_pretrain, "bench": cmd_bench}[args.verb](args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError) as e:
         print(f"medbench {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

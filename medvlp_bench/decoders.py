@@ -16,7 +16,9 @@ kept to one narrow convolution each way because in 3D it would otherwise cost mo
 and a 1x1 output convolution. Widths double per level as in a U-Net (16 at stride 2, up to 64).
 
 Odd input sizes give maps whose sizes are not exact multiples; an upsampled map is resized to its skip's
-size (a one-voxel correction) instead of failing.
+size (a one-voxel correction) instead of failing. Instance norm needs more than one voxel per map, so the
+coarsest map may be 1 voxel (it is only projected) but the others may not: with stride-32 encoders the
+input must be at least 17 voxels per axis.
 """
 
 from __future__ import annotations

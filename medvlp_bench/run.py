@@ -91,7 +91,7 @@ def make_trainer(
 # ---- pre-training --------------------------------------------------------------------------------
 def pretrain_key(cfg: DictConfig) -> str:
     """Cache key of a pre-training run: method model + schedule, data, seed, precision (not workers/paths)."""
-    skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir")
+    skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir", "root")
     data = {k: v for k, v in to_container(cfg.data).items() if k not in skip}
     blob = {
         "method": to_container(cfg.method),
@@ -277,7 +277,6 @@ def make_rows(
         protocol=task.protocol,
         label_fraction=task.label_fraction,
         seed=int(cfg.seed),
-        higher_is_better=task.higher_is_better,
         ckpt_sha256=ckpt_sha,
         code_version=code_version(),
         mlflow_run_id=run_id,
@@ -288,7 +287,13 @@ def make_rows(
         subset_sha256=subset_sha,
     )
     return [
-        results.ResultRow(metric=k, value=float(v), primary=(k == task.primary), **common)
+        results.ResultRow(
+            metric=k,
+            value=float(v),
+            primary=(k == task.primary),
+            higher_is_better=task.higher_is_better_for(k),
+            **common,
+        )
         for k, v in res.metrics.items()
     ]
 

@@ -366,14 +366,6 @@ def compare(
     return pd.DataFrame(rows)
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    cols = ["seed", "metric", "value_a", "value_b", "diff", "ci_low", "ci_high", "p_value", "test", "n_test"]
-    fmt = [(f"{v:.4f}" if isinstance(v, float) else str(v)) for r in df[cols].itertuples(index=False) for v in r]
-    rows = [fmt[i : i + len(cols)] for i in range(0, len(fmt), len(cols))]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main_compare(argv: Sequence[str]) -> int:
     """``medbench compare A B task=<t> [protocol=..] [label_fraction=..] [metric=..] [n_boot=..] [test=..]``."""
     import argparse
@@ -384,10 +376,17 @@ def main_compare(argv: Sequence[str]) -> int:
     ap.add_argument("method_b")
     ap.add_argument("options", nargs="*", help="task=<t> protocol= label_fraction= metric= n_boot= test= seed=")
     ap.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
-    ap.add_argument("--format", choices=("md", "csv"), default="md")
+    ap.add_argument("--format", choices=("table", "csv"), default="table")
     args = ap.parse_args(list(argv))
-    casts = {"task": str, "protocol": str, "label_fraction": float, "metric": str, "n_boot": int, "test": str}
-    casts["seed"] = int
+    casts = {
+        "task": str,
+        "protocol": str,
+        "label_fraction": float,
+        "metric": str,
+        "n_boot": int,
+        "test": str,
+        "seed": int,
+    }
     kw: dict[str, object] = {}
     for opt in args.options:
         key, sep, value = opt.partition("=")
@@ -406,7 +405,8 @@ def main_compare(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"medbench compare: error: {e}", file=sys.stderr)
         return 2
-    print(df.to_csv(index=False) if args.format == "csv" else _markdown(df), end="")
+    cols = ["seed", "metric", "value_a", "value_b", "diff", "ci_low", "ci_high", "p_value", "test", "n_test"]
+    print(df.to_csv(index=False) if args.format == "csv" else df[cols].to_string(index=False, float_format="%.4f"))
     return 0
 
 

@@ -62,6 +62,10 @@ class TaskResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: metric names (before any ``/<class>`` suffix) where smaller is better
+LOWER_IS_BETTER = frozenset({"hd95", "medr", "loss"})
+
+
 class Task(abc.ABC):
     """Base class. ``metrics`` are the declared metric names; ``primary`` ranks the leaderboard."""
 
@@ -84,6 +88,14 @@ class Task(abc.ABC):
         self.data, self.metrics, self.primary = data, list(metrics), primary
         self.higher_is_better, self.version, self.protocol = higher_is_better, str(version), protocol
         self.label_fraction, self.pretrain_data = float(label_fraction), pretrain_data
+
+    def higher_is_better_for(self, metric: str) -> bool:
+        """Direction of one metric row: distances (HD95) and ranks (median rank) are lower-is-better
+        whatever the task's primary direction."""
+        base = metric.split("/")[0]
+        if base in LOWER_IS_BETTER or base.endswith("_medr"):
+            return False
+        return self.higher_is_better
 
     def skip_reason(self, method: Method) -> str | None:
         """Why this task does not apply to ``method`` (e.g. retrieval without a text tower), or None."""
@@ -129,6 +141,15 @@ def extract(
     for k, vs in extra.items():
         result[k] = torch.cat(vs) if vs and isinstance(vs[0], Tensor) else sum(vs, [])
     return result
+
+
+def reseed(ctx: EvalContext) -> None:
+    """Reset every RNG to the cell's seed right before a head is built and trained.
+
+    Feature extraction draws from the global RNG (each DataLoader iterator takes a base seed), so without
+    this a cached and an uncached run of the same cell would train different heads.
+    """
+    L.seed_everything(ctx.seed, workers=True, verbose=False)
 
 
 def state_checksum(module: torch.nn.Module) -> float:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from medvlp_bench.augment import BatchAugment
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.method import Method
-from medvlp_bench.task import EvalContext, Task, TaskResult, extract, state_checksum
+from medvlp_bench.task import EvalContext, Task, TaskResult, extract, reseed, state_checksum
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Classification(Task):
     def evaluate(self, method: Method, ctx: EvalContext) -> TaskResult:
         dm = self.data
         subset = dm.subset_ids(self.label_fraction, ctx.seed)
-        plan = self._linear(method, ctx, subset) if self.protocol == "linear" else self._finetune(method, subset)
+        plan = self._linear(method, ctx, subset) if self.protocol == "linear" else self._finetune(method, ctx, subset)
         ckpt = ModelCheckpoint(
             dirpath=ctx.work_dir / f"head-{uuid.uuid4().hex[:8]}", monitor="val/loss", mode="min", save_top_k=1
         )
@@ -209,14 +209,16 @@ class Classification(Task):
             features = _FeatureSet((d["out"] - mu) / sd, d["label"])
             return DataLoader(features, batch_size=self.batch_size, shuffle=shuffle)
 
+        reseed(ctx)  # head init and shuffling must not depend on whether features came from the cache
         model = _Classifier(train["out"].shape[1], self.n_outputs, dm.task_type, self.lr, self.weight_decay)
         return _Plan(model, loader(train, True), loader(val, False), loader(test, False), test["id"], test["label"])
 
-    def _finetune(self, method: Method, subset: list[str]) -> _Plan:
+    def _finetune(self, method: Method, ctx: EvalContext, subset: list[str]) -> _Plan:
         dm = self.data
         backbone = copy.deepcopy(method).train().requires_grad_(True)
         if backbone.text_encoder is not None:
             backbone.text_encoder.requires_grad_(False)  # only the image encoder is fine-tuned
+        reseed(ctx)
         model = _Classifier(
             method.image_encoder.out_dim,
             self.n_outputs,
