@@ -1,8 +1,9 @@
 """``medbench bench``: a grid of methods x tasks x label fractions x seeds, resumable cell by cell.
 
 Each cell is an ordinary ``run``; a cell whose JSON already exists is skipped, so an interrupted bench
-picks up where it stopped and several bench processes can share one results folder (each cell is one file,
-renamed into place). Pre-trained checkpoints are cached, so seeds and fractions reuse one pre-training.
+picks up where it stopped. Several bench processes can share one results folder: each cell is one file
+renamed into place, and a non-blocking per-cell file lock makes a process skip the cells another is running.
+Pre-trained checkpoints are cached, so seeds and fractions reuse one pre-training.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
 from . import results
@@ -26,6 +28,7 @@ log = logging.getLogger("medvlp_bench")
 class BenchReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     leaderboard: pd.DataFrame | None = None
     seconds: float = 0.0
@@ -79,12 +82,23 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
     t0 = time.time()
     runs = Path(cfg.paths.results_dir) / "runs"
     grid = plan(cfg, passthrough)
+    locks = runs / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
     for i, (name, run_cfg, ov) in enumerate(grid, 1):
         if results.cell_exists(runs, name):
             report.skipped.append(name)
             continue
-        log.info("[%d/%d] %s", i, len(grid), name)
+        lock = FileLock(str(locks / f"{name}.lock"))
         try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another bench process sharing this results folder is running the cell
+            report.busy.append(name)
+            continue
+        try:
+            if results.cell_exists(runs, name):  # finished by another process since the first check
+                report.skipped.append(name)
+                continue
+            log.info("[%d/%d] %s", i, len(grid), name)
             evaluate(with_corpus(run_cfg, ov))
             report.done.append(name)
         except Exception as e:  # one broken cell must not lose the others
@@ -92,6 +106,8 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
                 raise
             log.exception("cell %s failed", name)
             report.failed[name] = f"{type(e).__name__}: {e}"
+        finally:
+            lock.release()
     report.leaderboard = results.write_leaderboard(Path(cfg.paths.results_dir))
     report.seconds = time.time() - t0
     return report

@@ -14,8 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from .atomic import atomic_open, shared_mode_dir
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -40,6 +44,7 @@ def save_checkpoint(
         sha = file_sha256(tmp / WEIGHTS)
         payload = {"model": model_cfg, "weights_sha256": sha, **(info or {})}
         (tmp / CONFIG).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        shared_mode_dir(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -69,3 +74,12 @@ def load_weights(model: nn.Module, folder: Path, strict: bool = True) -> tuple[l
     except (OSError, RuntimeError) as e:
         raise ValueError(f"cannot load weights from {path}: {e}") from e
     return list(missing), list(unexpected)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temp file, fsynced and renamed: a kill mid-write leaves the previous
+    checkpoint intact instead of a torn ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_open(Path(path)) as f:
+            torch.save(checkpoint, f)

@@ -122,8 +122,9 @@ def cmd_bench(overrides: list[str]) -> int:
     cfg, passthrough = compose_bench(overrides)
     report = bench(cfg, passthrough)
     print(leaderboard_markdown(report.leaderboard))
+    busy = f", {len(report.busy)} running in another process" if report.busy else ""
     print(
-        f"{len(report.done)} cells run, {len(report.skipped)} already done, {len(report.failed)} failed "
+        f"{len(report.done)} cells run, {len(report.skipped)} already done{busy}, {len(report.failed)} failed "
         f"in {report.seconds:.0f} s; leaderboard: {Path(cfg.paths.results_dir) / 'leaderboard.csv'}"
     )
     for name, err in report.failed.items():
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, heavy=args.verb in ("run", "pretrain", "bench"))
     from .config import ConfigError
     from .datasets._errors import DataError
+    from .results import ResultsWriteError
 
     try:
         if args.verb == "list":
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "leaderboard":
             return cmd_leaderboard(args.results, args.format)
         return {"run": cmd_run, "pretrain": cmd_pretrain, "bench": cmd_bench}[args.verb](args.overrides)
-    except (ConfigError, FileNotFoundError, DataError) as e:
+    except (ConfigError, FileNotFoundError, DataError, ResultsWriteError) as e:
         print(f"medbench {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

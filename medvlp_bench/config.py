@@ -137,3 +137,25 @@ def tiny_overrides(method: str) -> list[str]:
     """The method's own ``tiny:`` overrides (CPU smoke tests and ``suite=smoke``), prefixed for a run config."""
     cfg = compose("pretrain", [f"method={method}", "data=phantom_cxr"])
     return [str(o) for o in (cfg.method.get("tiny") or [])]
+
+
+def unmet_requirements(method_cfg: DictConfig, data_cfg: DictConfig) -> str | None:
+    """Why ``method_cfg`` cannot pre-train on ``data_cfg`` (its ``requires:`` block), or None if it can.
+
+    ``requires`` may name ``spatial_dims`` (an int or a list) and ``min_channels``: BrainMVP, for instance,
+    needs 3D studies with at least two modalities. Runs skip such cells with this reason; ``pretrain`` fails.
+    """
+    req = method_cfg.get("requires") or {}
+    name = data_cfg.get("name", "the corpus")
+    dims = req.get("spatial_dims")
+    if dims is not None:
+        allowed = [int(d) for d in dims] if isinstance(dims, ListConfig | list | tuple) else [int(dims)]
+        have = data_cfg.get("spatial_dims")
+        if have is not None and int(have) not in allowed:
+            want = " or ".join(f"{d}D" for d in allowed)
+            return f"it pre-trains on {want} data only and {name} is {int(have)}D"
+    min_channels = req.get("min_channels")
+    have_ch = data_cfg.get("in_channels")
+    if min_channels is not None and have_ch is not None and int(have_ch) < int(min_channels):
+        return f"it needs >= {int(min_channels)} channels (modalities) and {name} has {int(have_ch)}"
+    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from functools import cached_property
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from monai.data import DataLoader
 from monai.transforms import Compose, EnsureTyped
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, RandomSampler
 
 from .augment import BatchAugment
 from .text import Tokenizer
@@ -145,6 +145,22 @@ class _Collate:
         return collate(samples, self.tokenizer)
 
 
+class EpochRandomSampler(RandomSampler):
+    """Shuffles with a permutation drawn from (seed, epoch) alone; Lightning calls ``set_epoch`` before each
+    epoch (and swaps in a seeded ``DistributedSampler`` under DDP, as it does for any ``RandomSampler``)."""
+
+    def __init__(self, data_source: Sized, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(_seed_from(self.seed, "shuffle", self.epoch) % 2**62)
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+
 class MedDataModule(L.LightningDataModule):
     """Base datamodule. Subclasses implement ``build_manifest`` and ``reader``.
 
@@ -181,6 +197,9 @@ class MedDataModule(L.LightningDataModule):
         self.batch_augment = BatchAugment(**params) if augment is not False else None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.tokenizer: Tokenizer | None = None
+        # Set by the trainer's owner (pre-training): makes shuffling and augmentation pure functions of
+        # (seed, rank, epoch, batch), so a run resumed from a checkpoint replays exactly. None: global RNG.
+        self.rng_seed: int | None = None
 
     # ---- to implement -------------------------------------------------------------------------
     def build_manifest(self) -> pd.DataFrame:
@@ -200,7 +219,7 @@ class MedDataModule(L.LightningDataModule):
     # ---- provided ------
     def cache_key(self) -> str:
         """Identifies the data a frozen encoder sees (the manifest's ids and the preprocessing settings)."""
-        loader_only = {"batch_size", "eval_batch_size", "num_workers", "pin_memory", "target", "has_masks"}
+        loader_only = {"batch_size", "eval_batch_size", "num_workers", "pin_memory", "target", "has_masks", "rng_seed"}
         settings = {
             k: v
             for k, v in vars(self).items()
@@ -247,9 +266,14 @@ class MedDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment training batches on the device (pre-training through ``trainer.fit(datamodule=...)``)."""
         trainer = getattr(self, "trainer", None)
-        if self.batch_augment is not None and trainer is not None and trainer.training:
-            return self.batch_augment(batch)
-        return batch
+        if trainer is None or not trainer.training:
+            return batch
+        if self.rng_seed is not None:
+            # Reseed from the batch's position: augmentation here and dropout/masking in the training step
+            # then no longer depend on how the process got to this batch (fresh start or resume).
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            torch.manual_seed(_seed_from(self.rng_seed, trainer.global_rank, trainer.current_epoch, progress) % 2**62)
+        return self.batch_augment(batch) if self.batch_augment is not None else batch
 
     @property
     def _has_mask(self) -> bool:
@@ -268,10 +292,12 @@ class MedDataModule(L.LightningDataModule):
         gathered contrastive losses need); evaluation loaders see every sample exactly once, in order."""
         ds = self.dataset(split, ids)
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        sampler = EpochRandomSampler(ds, self.rng_seed) if train and self.rng_seed is not None else None
         return DataLoader(
             ds,
             batch_size=min(bs, len(ds)) if train else bs,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

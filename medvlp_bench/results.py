@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +16,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .atomic import ResultsWriteError, atomic_write_bytes, atomic_write_text
+
+__all__ = ["ResultsWriteError", "atomic_write_bytes", "atomic_write_text"]
 
 GROUP_KEYS = ["method", "task", "kind", "spatial_dims", "protocol", "label_fraction", "metric", "task_version"]
 LEADERBOARD_COLUMNS = [
@@ -63,24 +65,10 @@ def cell_name(method: str, task: str, protocol: str, label_fraction: float, seed
     return f"{task}__{method}__{protocol}__f{label_fraction:g}__s{seed}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def ensure_writable(folder: Path) -> None:
+    """Fail before any work if results cannot be written there (checked by writing and removing a probe)."""
+    atomic_write_bytes(Path(folder) / ".write-probe", b"")
+    (Path(folder) / ".write-probe").unlink()
 
 
 def write_cell(runs_dir: Path, name: str, rows: list[ResultRow], extra: dict[str, Any] | None = None) -> Path:

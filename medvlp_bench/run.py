@@ -20,11 +20,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from filelock import FileLock
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import __version__, checkpoint, results, tracking
-from .config import ConfigError, compose, instantiate, to_container
+from .config import ConfigError, compose, instantiate, to_container, unmet_requirements
 from .method import Method
 from .task import EvalContext, Task
 
@@ -80,6 +81,7 @@ def make_trainer(
         callbacks.append(TQDMProgressBar())
     kw.update(overrides)
     kw.setdefault("enable_model_summary", False)
+    kw.setdefault("plugins", [checkpoint.AtomicCheckpointIO()])
     return L.Trainer(
         logger=logger if logger is not None else False,
         callbacks=callbacks,
@@ -115,11 +117,29 @@ def build_method(cfg: DictConfig) -> Method:
 
 
 def pretrain(cfg: DictConfig) -> Path:
-    """Pre-train ``cfg.method`` on ``cfg.data``; return the checkpoint folder (cached by ``pretrain_key``)."""
+    """Pre-train ``cfg.method`` on ``cfg.data``; return the checkpoint folder (cached by ``pretrain_key``).
+
+    Resumable: a killed run restarts from the last epoch-end checkpoint. Shuffling and every batch's RNG
+    are seeded from (seed, rank, epoch, batch) (``MedDataModule.rng_seed``), so the resumed run ends with
+    the same weights as an uninterrupted one (bitwise with ``trainer.deterministic=true`` on CPU). Rank 0
+    holds a file lock, so two processes asking for the same checkpoint train it once.
+    """
     out = checkpoint_dir(cfg)
     if checkpoint.is_checkpoint(out):
         log.info("using cached pre-training checkpoint %s", out)
         return out
+    if not is_rank_zero():  # DDP children: rank 0 holds the lock and they join its fit
+        return _pretrain(cfg, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if checkpoint.is_checkpoint(out):  # another process finished it while we waited
+            return out
+        return _pretrain(cfg, out)
+
+
+def _pretrain(cfg: DictConfig, out: Path) -> Path:
+    if (gap := unmet_requirements(cfg.method, cfg.data)) is not None:
+        raise ConfigError(f"method {cfg.names.method!r} cannot pre-train on {cfg.names.data!r}: {gap}")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method = build_method(cfg)
     if not method.needs_pretraining:
@@ -127,6 +147,7 @@ def pretrain(cfg: DictConfig) -> Path:
     dm = instantiate(cfg.data)
     sched = cfg.method.pretrain
     dm.batch_size = int(sched.batch_size)
+    dm.rng_seed = int(cfg.seed)
     if method.text_encoder is not None:
         dm.tokenizer = method.text_encoder.tokenizer
     logger = tracking.make_logger(
@@ -135,7 +156,15 @@ def pretrain(cfg: DictConfig) -> Path:
         {"verb": "pretrain", "method": cfg.names.method, "data": cfg.names.data},
     )
     resume_dir = Path(cfg.paths.work_dir) / "pretrain" / out.name
-    ckpt_cb = ModelCheckpoint(dirpath=resume_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+    # one file, overwritten (atomically) at every epoch end: the resume point after a crash or kill
+    ckpt_cb = ModelCheckpoint(
+        dirpath=resume_dir,
+        filename="last",
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
     trainer = make_trainer(
         cfg.trainer,
         logger,
@@ -144,8 +173,7 @@ def pretrain(cfg: DictConfig) -> Path:
         gradient_clip_val=sched.get("gradient_clip_val"),
         accumulate_grad_batches=int(sched.get("accumulate_grad_batches", 1)),
     )
-    last = resume_dir / "last.ckpt"
-    trainer.fit(method, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(method, datamodule=dm, ckpt_path=resumable(resume_dir / "last.ckpt"), weights_only=True)
     if trainer.global_rank == 0:
         info = {
             "method": cfg.names.method,
@@ -159,6 +187,20 @@ def pretrain(cfg: DictConfig) -> Path:
         checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
         log.info("saved pre-trained %s to %s", cfg.names.method, out)
     return out
+
+
+def resumable(last: Path) -> str | None:
+    """The last checkpoint if it can be read (tensors only, no pickled objects), else None (start fresh)."""
+    if not last.is_file():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file must not block the run forever
+        log.warning("ignoring unreadable resume checkpoint %s (%s); starting from scratch", last, e)
+        last.unlink(missing_ok=True)
+        return None
+    log.info("resuming pre-training from %s", last)
+    return str(last)
 
 
 def load_method(folder: Path) -> Method:
@@ -176,6 +218,8 @@ def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
     if cfg.ckpt:
         folder = Path(cfg.ckpt)
         return load_method(folder), checkpoint.file_sha256(folder / checkpoint.WEIGHTS)
+    if (gap := unmet_requirements(cfg.method, cfg.data)) is not None:
+        raise ConfigError(f"method {cfg.names.method!r} cannot pre-train on {cfg.names.data!r}: {gap}")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method = build_method(cfg)
     if not method.needs_pretraining:
@@ -207,6 +251,11 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     """Evaluate one cell and write its rows; returns the rows (empty if the task does not apply)."""
     t0 = time.time()
     names = cfg.names
+    if is_rank_zero():
+        results.ensure_writable(Path(cfg.paths.results_dir) / "runs")
+    if cfg.get("ckpt") is None and (gap := unmet_requirements(cfg.method, cfg.data or cfg.task.data)) is not None:
+        log.warning("skipping %s on %s: %s", names.method, names.task, gap)
+        return []
     task: Task = instantiate(cfg.task)
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():

@@ -175,7 +175,9 @@ class Classification(Task):
         stop = EarlyStopping(monitor="val/loss", mode="min", patience=self.patience)
         trainer = ctx.make_trainer(max_epochs=self.max_epochs, callbacks=[ckpt, stop], enable_checkpointing=True)
         trainer.fit(plan.model, plan.train, plan.val)
-        probs = torch.cat(trainer.predict(plan.model, plan.test, ckpt_path=ckpt.best_model_path or None))
+        probs = torch.cat(
+            trainer.predict(plan.model, plan.test, ckpt_path=ckpt.best_model_path or None, weights_only=True)
+        )
         target = plan.test_target
         metrics = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
         preds = {"id": np.asarray(plan.test_ids), "target": target.numpy(), "score": probs.numpy()}

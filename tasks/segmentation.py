@@ -266,7 +266,10 @@ class Segmentation(Task):
         train = dm.loader("train", ids=subset, train=True, batch_size=bs)
         trainer.fit(model, train, dm.loader("val", batch_size=self.batch_size))
         outs = trainer.predict(
-            model, dm.loader("test", batch_size=self.batch_size), ckpt_path=ckpt.best_model_path or None
+            model,
+            dm.loader("test", batch_size=self.batch_size),
+            ckpt_path=ckpt.best_model_path or None,
+            weights_only=True,
         )
         if self.protocol == "frozen" and state_checksum(method) != before:  # pragma: no cover - must not happen
             raise RuntimeError("frozen segmentation protocol changed the encoder's weights")

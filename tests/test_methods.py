@@ -1,11 +1,12 @@
-"""Every method in configs/method/ (no test edit needed for a new one): 2D and 3D steps, grads, embeddings."""
+"""Every method in configs/method/ (no test edit needed for a new one): 2D, 3D and multi-modal 3D steps,
+grads, embeddings; a method skips the data its config's ``requires:`` rules out."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medvlp_bench.config import compose, instantiate, options, tiny_overrides
+from medvlp_bench.config import compose, instantiate, options, tiny_overrides, unmet_requirements
 from medvlp_bench.method import Method
 
 SIZES = {"phantom_cxr_cls": 32, "phantom_ct_cls": 32, "phantom_mri_cls": 32}
@@ -25,6 +26,8 @@ def _setup(method: str, task: str, cache: str) -> tuple[Method, dict]:
             *tiny_overrides(method),
         ],
     )
+    if (gap := unmet_requirements(cfg.method, cfg.task.data)) is not None:
+        pytest.skip(f"{method} does not apply to {task}: {gap}")
     torch.manual_seed(0)
     m: Method = instantiate(cfg.method.model)
     dm = instantiate(cfg.task.data)
@@ -34,7 +37,7 @@ def _setup(method: str, task: str, cache: str) -> tuple[Method, dict]:
     return m, batch
 
 
-@pytest.mark.parametrize("task", ["phantom_cxr_cls", "phantom_ct_cls"])
+@pytest.mark.parametrize("task", ["phantom_cxr_cls", "phantom_ct_cls", "phantom_mri_cls"])
 @pytest.mark.parametrize("method", options("method"))
 def test_method_step_and_embeddings(method: str, task: str, phantom_cache) -> None:
     m, batch = _setup(method, task, str(phantom_cache))
@@ -59,7 +62,8 @@ def test_method_step_and_embeddings(method: str, task: str, phantom_cache) -> No
 
 @pytest.mark.parametrize("method", options("method"))
 def test_method_adapts_or_refuses_other_channel_counts(method: str, phantom_cache) -> None:
-    m, _ = _setup(method, "phantom_cxr_cls", str(phantom_cache))
+    task = "phantom_mri_cls" if method == "brainmvp" else "phantom_cxr_cls"
+    m, _ = _setup(method, task, str(phantom_cache))
     m.adapt_to_input(1)
     try:
         m.adapt_to_input(4)
