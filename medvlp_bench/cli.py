@@ -42,6 +42,7 @@ def _setup_logging(verbose: bool, heavy: bool) -> None:
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # EMA teachers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

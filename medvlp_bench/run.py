@@ -234,17 +234,41 @@ def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
 def with_corpus(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Fill ``cfg.data`` with the pre-training corpus, first found of: the user's ``data=``, the method's
     ``pretrain.data`` (e.g. UniMedI's joint 2D+3D corpus), the task's ``pretrain_data``, the task's own data
-    (its training split, reports, no labels)."""
+    (its training split, reports, no labels). Phantom sizes set on the task's data follow to a named corpus
+    (``FOLLOW_KEYS``)."""
     if cfg.get("data") is not None:
         return cfg
     named = cfg.method.pretrain.get("data") or cfg.task.get("pretrain_data")
     if named:
-        return compose("run", [*overrides, f"data={named}"])
+        corpus = compose("run", [*overrides, f"data={named}"])
+        follow = _following_overrides(overrides, corpus.data)
+        return compose("run", [*overrides, f"data={named}", *follow]) if follow else corpus
     with open_dict(cfg):
         cfg.data = OmegaConf.masked_copy(cfg.task, ["data"]).data
         cfg.data.target = "label"
         cfg.names.data = cfg.task.data.get("name", cfg.names.task)
     return cfg
+
+
+#: sizes of generated (phantom) data that follow from ``task.data`` to a named corpus, so that a small run
+#: (``suite=smoke``, tests) pre-trains on equally small data; nothing else (roots, batch sizes) follows
+FOLLOW_KEYS = ("size", "n_train", "n_val", "n_test")
+
+
+def _following_overrides(overrides: list[str], corpus: DictConfig) -> list[str]:
+    """``task.data.<k>=v`` (k in FOLLOW_KEYS) as overrides of the corpus or of each of its ``parts``."""
+    out = []
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        k = key.removeprefix("task.data.")
+        if k == key or k not in FOLLOW_KEYS:
+            continue
+        if k in corpus:
+            out.append(f"data.{k}={value}")
+        for name, part in (corpus.get("parts") or {}).items():
+            if k in part:
+                out.append(f"data.parts.{name}.{k}={value}")
+    return out
 
 
 def evaluate(cfg: DictConfig) -> list[results.ResultRow]:

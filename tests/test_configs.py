@@ -16,6 +16,7 @@ from medvlp_bench.config import (
     unmet_requirements,
 )
 from medvlp_bench.data import MedDataModule
+from medvlp_bench.datasets.mixed import MixedDataModule
 from medvlp_bench.method import Method
 from medvlp_bench.run import make_trainer
 from medvlp_bench.task import Task
@@ -34,7 +35,7 @@ def test_every_task_composes_and_instantiates(task: str, workdir) -> None:
 def test_every_data_config_instantiates(data: str, workdir) -> None:
     cfg = compose("pretrain", ["method=scratch", f"data={data}"])
     dm = instantiate(cfg.data)
-    assert isinstance(dm, MedDataModule)
+    assert isinstance(dm, MedDataModule | MixedDataModule)  # a corpus may join several datamodules
     assert dm.spatial_dims == cfg.data.spatial_dims and dm.in_channels == cfg.data.in_channels
 
 
@@ -106,3 +107,15 @@ def test_unmet_requirements_names_the_gap() -> None:
     either = OmegaConf.create({"requires": {"spatial_dims": [2, 3]}})
     assert unmet_requirements(either, OmegaConf.create({"spatial_dims": 2})) is None
     assert unmet_requirements(OmegaConf.create({}), mri) is None  # no requires: anything goes
+
+
+def test_phantom_sizes_follow_to_a_named_corpus_and_nothing_else_does() -> None:
+    from medvlp_bench.run import with_corpus
+
+    ov = ["method=unimedi", "task=phantom_ct_cls", "task.data.size=32", "task.data.n_train=48"]
+    ov.append("task.data.batch_size=4")
+    cfg = with_corpus(compose("run", ov), ov)
+    assert cfg.names.data == "phantom_cxr_ct"
+    assert cfg.data.size == 32 and {p.size for p in cfg.data.parts.values()} == {32}
+    assert {p.n_train for p in cfg.data.parts.values()} == {48}
+    assert {p.batch_size for p in cfg.data.parts.values()} == {64, 16}  # not a phantom size: the parts' own
