@@ -29,6 +29,8 @@ class BenchReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    #: cells the method cannot do (a task without text for a vision-only method, 2D data for a 3D method)
+    inapplicable: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     leaderboard: pd.DataFrame | None = None
     seconds: float = 0.0
@@ -99,8 +101,8 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
                 report.skipped.append(name)
                 continue
             log.info("[%d/%d] %s", i, len(grid), name)
-            evaluate(with_corpus(run_cfg, ov))
-            report.done.append(name)
+            rows = evaluate(with_corpus(run_cfg, ov))
+            (report.done if rows else report.inapplicable).append(name)
         except Exception as e:  # one broken cell must not lose the others
             if cfg.get("fail_fast", False):
                 raise

@@ -124,8 +124,9 @@ def cmd_bench(overrides: list[str]) -> int:
     report = bench(cfg, passthrough)
     print(leaderboard_markdown(report.leaderboard))
     busy = f", {len(report.busy)} running in another process" if report.busy else ""
+    na = f", {len(report.inapplicable)} not applicable (reasons in the log)" if report.inapplicable else ""
     print(
-        f"{len(report.done)} cells run, {len(report.skipped)} already done{busy}, {len(report.failed)} failed "
+        f"{len(report.done)} cells run, {len(report.skipped)} already done{busy}{na}, {len(report.failed)} failed "
         f"in {report.seconds:.0f} s; leaderboard: {Path(cfg.paths.results_dir) / 'leaderboard.csv'}"
     )
     for name, err in report.failed.items():

@@ -3,6 +3,8 @@ grads, embeddings; a method skips the data its config's ``requires:`` rules out.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -41,7 +43,9 @@ def _setup(method: str, task: str, cache: str) -> tuple[Method, dict]:
 @pytest.mark.parametrize("method", options("method"))
 def test_method_step_and_embeddings(method: str, task: str, phantom_cache) -> None:
     m, batch = _setup(method, task, str(phantom_cache))
-    feats = m.encode_image(batch["image"])
+    probe = copy.deepcopy(m)  # as evaluation does: fit the stem to the task's channels (a no-op for most)
+    probe.adapt_to_input(batch["image"].shape[1])
+    feats = probe.encode_image(batch["image"])
     assert feats.shape[0] == 4 and feats.ndim == 2 and torch.isfinite(feats).all()
     if m.has_text_tower:
         img, txt = m.embed_image(batch["image"]), m.embed_text(batch["text"])
