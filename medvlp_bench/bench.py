@@ -42,17 +42,29 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
     fractions = list(s.get("label_fractions") or [None])
     protocols = list(s.get("protocols") or [None])
     out = []
+    kinds = {task: task_kind(compose("run", ["method=scratch", f"task={task}"]).task) for task in s.tasks}
+    by_kind = s.get("task_overrides") or {}
+    by_task = {task: [str(o) for o in by_kind.get(kind) or []] for task, kind in kinds.items()}
     for method in s.methods:
         for task in s.tasks:
             for seed in s.seeds:
                 for protocol in protocols:
-                    for frac in fractions:
+                    for frac in [None] if kinds[task] in LABEL_FREE else fractions:
                         ov = [f"method={method}", f"task={task}", f"seed={seed}"]
                         ov += [f"task.label_fraction={frac}"] if frac is not None else []
                         ov += [f"task.protocol={protocol}"] if protocol is not None else []
                         ov += tiny_overrides(method) if s.get("tiny") else []
-                        out.append(ov + list(s.get("overrides") or []) + passthrough)
+                        out.append(ov + list(s.get("overrides") or []) + by_task[task] + passthrough)
     return out
+
+
+def task_kind(task_cfg: DictConfig) -> str:
+    """``classification`` | ``segmentation`` | ``retrieval`` | ``zeroshot``: the task class's module."""
+    return str(task_cfg.get("_target_", "")).rsplit(".", 2)[-2]
+
+
+#: task kinds that train nothing on labels: label fractions and protocols do not vary them
+LABEL_FREE = ("retrieval", "zeroshot")
 
 
 def applicable(task_cfg: DictConfig, protocol: str | None) -> bool:

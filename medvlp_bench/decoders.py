@@ -148,10 +148,13 @@ class SegDecoder(nn.Module):
         )
 
     @classmethod
-    def for_encoder(cls, encoder: ImageEncoder, out_channels: int, **kw: int | str) -> SegDecoder:
-        """The decoder matching ``encoder``'s maps (the one every method gets)."""
+    def for_encoder(
+        cls, encoder: ImageEncoder, out_channels: int, spatial_dims: int | None = None, **kw: int | str
+    ) -> SegDecoder:
+        """The decoder matching ``encoder``'s maps (the one every method gets). ``spatial_dims``: of the task's
+        images, for encoders that take 2D and 3D (UniMedI's); default the encoder's own."""
         return cls(
-            encoder.spatial_dims,
+            spatial_dims or encoder.spatial_dims,
             encoder.in_channels,
             encoder.feature_channels,
             encoder.feature_strides,

@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from filelock import FileLock
+from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -250,6 +251,17 @@ def with_corpus(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def _channel_gap(cfg: DictConfig) -> str | None:
+    """Why the corpus's channel count cannot serve the task's (a method that cannot adapt its stem), or None."""
+    corpus, task = cfg.data or cfg.task.data, cfg.task.data
+    have, need = corpus.get("in_channels"), task.get("in_channels")
+    if have is None or need is None or int(have) == int(need):
+        return None
+    if get_class(cfg.method.model._target_).adapt_to_input is not Method.adapt_to_input:
+        return None  # e.g. BrainMVP re-makes its stem for the task's channels
+    return f"it pre-trains on {int(have)}-channel {corpus.get('name', 'data')} and cannot take the task's {int(need)}"
+
+
 #: sizes of generated (phantom) data that follow from ``task.data`` to a named corpus, so that a small run
 #: (``suite=smoke``, tests) pre-trains on equally small data; nothing else (roots, batch sizes) follows
 FOLLOW_KEYS = ("size", "n_train", "n_val", "n_test")
@@ -277,7 +289,8 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     names = cfg.names
     if is_rank_zero():
         results.ensure_writable(Path(cfg.paths.results_dir) / "runs")
-    if cfg.get("ckpt") is None and (gap := unmet_requirements(cfg.method, cfg.data or cfg.task.data)) is not None:
+    gap = unmet_requirements(cfg.method, cfg.data or cfg.task.data) or _channel_gap(cfg)
+    if cfg.get("ckpt") is None and gap:
         log.warning("skipping %s on %s: %s", names.method, names.task, gap)
         return []
     task: Task = instantiate(cfg.task)

@@ -227,7 +227,9 @@ class Segmentation(Task):
         backbone.requires_grad_(False)
         if not frozen:
             backbone.image_encoder.requires_grad_(True)  # the text tower (if any) plays no part
-        decoder = SegDecoder.for_encoder(backbone.image_encoder, len(self.class_names), **self.decoder_kw)
+        decoder = SegDecoder.for_encoder(
+            backbone.image_encoder, len(self.class_names), spatial_dims=int(self.data.spatial_dims), **self.decoder_kw
+        )
         return _Segmenter(
             backbone,
             decoder,
