@@ -31,7 +31,9 @@ def make_logger(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Logger 
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    artifacts = cfg.get("artifact_location")
+    # a tracking server stores artifacts where it was told to (--artifacts-destination), proxied over HTTP; a
+    # client-side folder would be unreadable to anyone else using that server
+    artifacts = None if uri.startswith(("http://", "https://")) else cfg.get("artifact_location")
     if artifacts and "://" not in str(artifacts):
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve().as_uri()
