@@ -65,3 +65,48 @@ def loss_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save(results, Path(out))
     dist.destroy_process_group()
+
+
+# ---- every method's own loss under 2 processes ---------------------------------------------------------------
+def build_method(overrides: list[str]) -> torch.nn.Module:
+    from medvlp_bench.config import compose, instantiate
+
+    torch.manual_seed(0)
+    return instantiate(compose("run", overrides).method.model)
+
+
+def slice_batch(batch: dict, sl: slice) -> dict:
+    """Rows ``sl`` of every tensor, list and nested dict (the tokenised text) of a collated batch."""
+    out = {}
+    for k, v in batch.items():
+        out[k] = slice_batch(v, sl) if isinstance(v, dict) else v[sl]
+    return out
+
+
+def method_step(overrides: list[str], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of one ``pretrain_step`` in eval mode (no dropout, BatchNorm on running stats, so the
+    per-sample computation does not depend on how the batch is split)."""
+    m = build_method(overrides).eval()
+    loss = m.pretrain_step(batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def method_worker(rank: int, world: int, port: int, spec: str, out: str) -> None:
+    """Each rank takes its half of every method's batch; rank 0 saves the rank losses and averaged gradients."""
+    init(rank, world, port)
+    cases = torch.load(spec, weights_only=True)
+    results = {}
+    for name, case in cases.items():
+        n = len(case["batch"]["id"])
+        sl = slice(rank * n // world, (rank + 1) * n // world)
+        loss, grads = method_step(case["overrides"], slice_batch(case["batch"], sl))
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+        losses_all = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(losses_all, loss)
+        results[name] = {"losses": torch.stack(losses_all), "grads": grads}
+    if rank == 0:
+        torch.save(results, Path(out))
+    dist.destroy_process_group()
