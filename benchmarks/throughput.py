@@ -173,6 +173,9 @@ def plain(method: str, kind: str, args: argparse.Namespace) -> tuple[float, floa
     m.to(dev).train()
     opt = torch.optim.AdamW(m.param_groups(), lr=1e-4, fused=dev == "cuda")
     loader = dm.train_dataloader()
+    if hasattr(m, "texts_for"):  # GTGM makes its texts in on_fit_start (untimed in the harness): here too
+        for batch in loader:
+            m.texts_for(batch)
     flops, done, t0 = None, 0, 0.0
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     with _Busy() as busy:
@@ -192,6 +195,8 @@ def plain(method: str, kind: str, args: argparse.Namespace) -> tuple[float, floa
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if hasattr(m, "ema_update"):  # UniMedI's teacher follows the student once per optimiser step
+                    m.ema_update()
                 done += 1
                 if done == args.warmup + args.steps:
                     break

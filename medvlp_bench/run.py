@@ -33,7 +33,7 @@ from .task import EvalContext, Task
 log = logging.getLogger("medvlp_bench")
 
 #: trainer keys that are ours, not Lightning's
-_OWN_TRAINER_KEYS = ("progress",)
+_OWN_TRAINER_KEYS = ("progress", "compile", "channels_last")
 
 
 def is_rank_zero() -> bool:
@@ -174,6 +174,7 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
         gradient_clip_val=sched.get("gradient_clip_val"),
         accumulate_grad_batches=int(sched.get("accumulate_grad_batches", 1)),
     )
+    speed_up(method, cfg.trainer, int(cfg.input.spatial_dims))
     trainer.fit(method, datamodule=dm, ckpt_path=resumable(resume_dir / "last.ckpt"), weights_only=True)
     if trainer.global_rank == 0:
         info = {
@@ -188,6 +189,15 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
         checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
         log.info("saved pre-trained %s to %s", cfg.names.method, out)
     return out
+
+
+def speed_up(method: Method, trainer_cfg: DictConfig, spatial_dims: int) -> None:
+    """``trainer.channels_last`` (2D CNN weights in NHWC, which cuDNN's tensor-core kernels prefer) and
+    ``trainer.compile`` (``torch.compile`` of the image encoder in place, so checkpoint keys do not change)."""
+    if trainer_cfg.get("channels_last") and spatial_dims == 2:
+        method.image_encoder.to(memory_format=torch.channels_last)
+    if trainer_cfg.get("compile"):
+        method.image_encoder.compile()
 
 
 def resumable(last: Path) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from helpers import TINY, tiny_data
 
 from medvlp_bench.cli import main
@@ -82,3 +83,19 @@ def test_scratch_run_in_process_then_rerun_overwrites(workdir: Path) -> None:
     assert main(args) == 0
     second = json.loads(cell.read_text())
     assert [r["value"] for r in first["rows"]] == [r["value"] for r in second["rows"]]  # same seed, same rows
+
+
+def test_channels_last_and_compile_options_keep_checkpoint_keys(workdir) -> None:
+    from medvlp_bench.config import compose
+    from medvlp_bench.run import build_method, speed_up
+
+    tiny = [o for o in TINY if o.startswith("method.")]
+    cfg = compose("pretrain", ["method=clip", "data=phantom_cxr", "trainer.channels_last=true", *tiny])
+    m = build_method(cfg)
+    keys = set(m.state_dict())
+    speed_up(m, cfg.trainer, 2)
+    convs = [p for p in m.image_encoder.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    cfg.trainer.compile = True
+    speed_up(m, cfg.trainer, 2)
+    assert set(m.state_dict()) == keys  # compiled in place: safetensors keys unchanged
