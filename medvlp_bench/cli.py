@@ -1,4 +1,4 @@
-"""``medbench``: run | pretrain | bench | leaderboard | list | compare | data.
+"""``medbench``: run | pretrain | bench | leaderboard | list | compare | report | convert | data.
 
 Overrides are Hydra-style (``method=clip task=phantom_cxr_cls seed=1 trainer=gpu method.model.lr=3e-4``).
 Lightning's DDP launcher re-runs ``sys.argv`` for the other ranks; since the verb stays in ``sys.argv``
@@ -13,7 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
-VERBS = ("run", "pretrain", "bench", "leaderboard", "list", "data", "compare")
+VERBS = ("run", "pretrain", "bench", "leaderboard", "list", "data", "compare", "report", "convert")
+PASSTHROUGH = ("compare", "report", "convert")
 
 
 def _setup_logging(verbose: bool, heavy: bool) -> None:
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         "compare", add_help=False, help="paired test of method A vs B on one task (DeLong for AUROC, else bootstrap)"
     )
     cp.add_argument("args", nargs=argparse.REMAINDER)
+    rp = sub.add_parser(
+        "report", add_help=False, help="self-contained HTML report: leaderboard, label-efficiency curves, paired tests"
+    )
+    rp.add_argument("args", nargs=argparse.REMAINDER)
+    cv = sub.add_parser("convert", add_help=False, help="import the authors' released weights (brainmvp, gtgm)")
+    cv.add_argument("args", nargs=argparse.REMAINDER)
     dp = sub.add_parser("data", help="real datasets: list | check <data> [key=value ...] | splits <data> [...]")
     dp.add_argument("action", choices=("list", "check", "splits"))
     dp.add_argument("name", nargs="?", help="a data config (configs/data/<name>.yaml), for check and splits")
@@ -148,7 +155,13 @@ def cmd_data(action: str, name: str | None, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.verb in PASSTHROUGH:  # these verbs parse their own options (argparse REMAINDER drops a leading --opt)
+        args.args = argv[argv.index(args.verb) + 1 :]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose, heavy=args.verb in ("run", "pretrain", "bench"))
     from .config import ConfigError
     from .datasets._errors import DataError
@@ -161,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             from .stats import main_compare
 
             return main_compare(args.args)
+        if args.verb == "report":
+            from .report import main_report
+
+            return main_report(args.args)
+        if args.verb == "convert":
+            from .convert import main_convert
+
+            return main_convert(args.args)
         if args.verb == "data":
             return cmd_data(args.action, args.name, args.overrides)
         if args.verb == "leaderboard":
