@@ -160,6 +160,57 @@ class SwinEncoder(ImageEncoder):
         return ImageFeatures(pooled=last.flatten(2).mean(-1), maps=list(maps), tokens=last.flatten(2).transpose(1, 2))
 
 
+class _GNResBlock(nn.Module):
+    """Pre-activation residual block (GroupNorm, ReLU, 3x3 conv, twice). Parameter names (gn1, conv1, gn2, conv2)
+    follow BrainMVP's released U-Net so its weights load by name."""
+
+    def __init__(self, dims: int, channels: int, groups: int = 8) -> None:
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.gn1, self.conv1 = nn.GroupNorm(groups, channels), conv(channels, channels, 3, padding=1)
+        self.gn2, self.conv2 = nn.GroupNorm(groups, channels), conv(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(nn.functional.relu(self.gn1(x)))
+        return x + self.conv2(nn.functional.relu(self.gn2(h)))
+
+
+class BrainUNetEncoder(ImageEncoder):
+    """The encoder half of BrainMVP's GroupNorm U-Net (its ``BrainMVP_unet.pt`` release): a stem conv, then per
+    scale residual blocks and a strided conv that doubles the width; four blocks at the deepest scale.
+
+    Layer names (conv1a, conv1b, ds1, conv2a, ...) match the release so ``medbench convert brainmvp`` maps them
+    one to one. Maps are the block outputs at strides 2, 4 and 8; pooled is the mean of the deepest.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int = 1, init_channels: int = 32) -> None:
+        super().__init__()
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        c, dims = init_channels, spatial_dims
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        net = nn.Module()
+        net.conv1a, net.conv1b = conv(in_channels, c, 3, padding=1), _GNResBlock(dims, c)
+        net.ds1 = conv(c, 2 * c, 3, stride=2, padding=1)
+        net.conv2a, net.conv2b = _GNResBlock(dims, 2 * c), _GNResBlock(dims, 2 * c)
+        net.ds2 = conv(2 * c, 4 * c, 3, stride=2, padding=1)
+        net.conv3a, net.conv3b = _GNResBlock(dims, 4 * c), _GNResBlock(dims, 4 * c)
+        net.ds3 = conv(4 * c, 8 * c, 3, stride=2, padding=1)
+        for name in ("conv4a", "conv4b", "conv4c", "conv4d"):
+            setattr(net, name, _GNResBlock(dims, 8 * c))
+        self.net = net
+        self.feature_channels = [2 * c, 4 * c, 8 * c]
+        self.feature_strides = [2, 4, 8]
+        self.out_dim = 8 * c
+
+    def forward(self, image: Tensor) -> ImageFeatures:
+        n = self.net
+        x = n.ds1(n.conv1b(n.conv1a(image)))
+        c2 = n.conv2b(n.conv2a(x))
+        c3 = n.conv3b(n.conv3a(n.ds2(c2)))
+        c4 = n.conv4d(n.conv4c(n.conv4b(n.conv4a(n.ds3(c3)))))
+        return ImageFeatures(pooled=c4.flatten(2).mean(-1), maps=[c2, c3, c4], tokens=c4.flatten(2).transpose(1, 2))
+
+
 #: name -> (class, default kwargs). Sizes follow the usual family names; ``*_tiny`` are for tests and
 #: the CPU phantom benchmark.
 PRESETS: dict[str, tuple[type[ImageEncoder], dict[str, Any]]] = {
@@ -173,6 +224,8 @@ PRESETS: dict[str, tuple[type[ImageEncoder], dict[str, Any]]] = {
     "vit_b16": (ViTEncoder, {"patch_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}),
     "swin_tiny": (SwinEncoder, {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}),
     "swin_unetr": (SwinEncoder, {"feature_size": 48, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)}),
+    "brainmvp_unet_tiny": (BrainUNetEncoder, {"init_channels": 8}),
+    "brainmvp_unet": (BrainUNetEncoder, {"init_channels": 32}),  # the BrainMVP_unet.pt release
 }
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from medvlp_bench.checkpoint import CONFIG
 from medvlp_bench.config import tiny_overrides
 from medvlp_bench.convert import ConvertError, adapt_stem, build_target, convert_state_dict, load_source, main_convert
-from medvlp_bench.encoders import ImageEncoder
+from medvlp_bench.encoders import build_image_encoder
 from medvlp_bench.methods.brainmvp import BrainMVP
 from medvlp_bench.run import load_method
 
@@ -129,23 +129,10 @@ def test_fewer_source_channels_are_repeated_and_rescaled() -> None:
     assert torch.allclose(adapt_stem(one, 4)[0].sum(1, keepdim=True), one)  # same response to equal channels
 
 
-class UNetLikeEncoder(ImageEncoder):
-    """Stands in for an encoder that wraps the authors' 3D U-Net (models/Unet.py) as ``net``; the benchmark has
-    no such preset yet, so this checks the BrainMVP rules and the template hook, not a real encoder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spatial_dims, self.in_channels = 3, 1
-        self.net = nn.Module()
-        self.net.conv1a = nn.Conv3d(1, 4, 3, padding=1)
-        self.net.conv1b = nn.ModuleDict({"gn1": nn.GroupNorm(2, 4), "conv1": nn.Conv3d(4, 4, 3, padding=1)})
-        self.net.ds1 = nn.Conv3d(4, 8, 3, stride=2, padding=1)
-        self.feature_channels, self.feature_strides, self.out_dim = [8], [2], 8
-
-
 def _brainmvp() -> BrainMVP:
     torch.manual_seed(0)
-    return BrainMVP(UNetLikeEncoder(), modalities=("t1", "t1ce", "t2", "flair"), template_size=16, crop_size=16)
+    encoder = build_image_encoder("brainmvp_unet_tiny", 3, 1)  # the authors' U-Net encoder layout, 8 wide
+    return BrainMVP(encoder, modalities=("t1", "t1ce", "t2", "flair"), template_size=16, crop_size=16)
 
 
 def test_brainmvp_unet_layout_and_templates_by_modality_name() -> None:
@@ -165,6 +152,35 @@ def test_brainmvp_unet_layout_and_templates_by_modality_name() -> None:
 
     other_canvas = convert_state_dict("brainmvp", {"rep_template": torch.zeros(8, 20, 20, 20)}, _brainmvp())
     assert "template_size=[20, 20, 20]" in other_canvas.mismatched[0]["reason"]
+
+
+def test_brainmvp_unet_release_converts_end_to_end(tmp_path: Path) -> None:
+    """A BrainMVP_unet.pt as main.py saves it ({'state_dict': DDP 'module.' keys, ...}) -> a checkpoint that
+    ``medbench run ... ckpt=`` loads with the encoder weights exactly as released."""
+    overrides = [*tiny_overrides("brainmvp"), "method.model.image_encoder.name=brainmvp_unet_tiny"]
+    ours = build_target("brainmvp", overrides, None)[0]
+    torch.manual_seed(1)
+    enc = {
+        k.removeprefix("image_encoder.net."): torch.randn_like(v)
+        for k, v in ours.state_dict().items()
+        if k.startswith("image_encoder.net.")
+    }
+    decoder = {"up4conva.weight": torch.zeros(128, 256, 1, 1, 1), "up1conv.bias": torch.zeros(1)}
+    templates = torch.randn(8, *ours.templates_no_decay.shape[1:])  # flair t1 t1c t2 mra pd dwi adc
+    state = {f"module.{k}": v for k, v in {**enc, **decoder, "rep_template": templates}.items()}
+    src = tmp_path / "BrainMVP_unet.pt"
+    torch.save({"current_epoch": 1500, "state_dict": state, "optimizer": {}, "val_best": 0.0}, src)
+    out = tmp_path / "converted"
+    assert main_convert(["brainmvp", str(src), str(out), *overrides]) == 0
+    loaded = load_method(out)
+    for k, v in enc.items():
+        assert torch.equal(loaded.state_dict()["image_encoder.net." + k], v), k
+    order = ("flair", "t1", "t1c", "t2")
+    want = [order.index("t1c" if m == "t1ce" else m) for m in loaded.modalities]
+    assert torch.equal(loaded.templates_no_decay, templates[want])
+    report = json.loads((out / CONFIG).read_text())["converted_from"]["report"]
+    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
+    assert sorted(report["ignored"]) == sorted(decoder)
 
 
 def test_brainmvp_uniformer_release_has_no_counterpart_yet(tmp_path: Path, capsys) -> None:

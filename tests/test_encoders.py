@@ -15,6 +15,8 @@ CASES = [
     ("vit_tiny", 3, 2, (16, 32, 24)),
     ("swin_tiny", 2, 1, (64, 64)),
     ("swin_tiny", 3, 1, (32, 32, 32)),
+    ("brainmvp_unet_tiny", 2, 1, (32, 48)),
+    ("brainmvp_unet_tiny", 3, 4, (16, 32, 24)),
 ]
 
 
@@ -38,6 +40,18 @@ def test_resnet_maps_follow_declared_strides() -> None:
     f = enc(torch.randn(1, 1, 64, 96))
     for m, s in zip(f.maps, enc.feature_strides):
         assert tuple(m.shape[2:]) == (64 // s, 96 // s)
+
+
+def test_brainmvp_unet_maps_follow_strides_and_feed_the_shared_decoder() -> None:
+    from medvlp_bench.decoders import SegDecoder
+
+    enc = build_image_encoder("brainmvp_unet_tiny", spatial_dims=3).eval()
+    x = torch.randn(1, 1, 32, 32, 16)
+    f = enc(x)
+    for m, s in zip(f.maps, enc.feature_strides):
+        assert tuple(m.shape[2:]) == (32 // s, 32 // s, 16 // s)
+    logits = SegDecoder.for_encoder(enc, out_channels=3)(x, f.maps)
+    assert logits.shape == (1, 3, 32, 32, 16) and torch.isfinite(logits).all()
 
 
 def test_vit_rejects_wrong_size_with_clear_message() -> None:
