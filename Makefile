@@ -19,6 +19,7 @@ setup: $(STAMP)  ## create .venv and install the package with pinned dependencie
 
 quickstart: $(STAMP)  ## pre-train the baselines on phantoms, evaluate, write and print the leaderboard
 	$(BIN)/medbench bench suite=$(SUITE)
+	$(BIN)/medbench report
 
 test: $(STAMP)  ## the default test run (CPU, no slow or GPU tests)
 	$(BIN)/ruff check .
