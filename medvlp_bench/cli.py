@@ -39,6 +39,8 @@ def _setup_logging(verbose: bool, heavy: bool) -> None:
         logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
         logger.handlers.clear()
         logger.propagate = True
+    # MONAI's DICOM reader logs this once per LoadImage on every CPU-only machine: not actionable.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.DEBUG if verbose else logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
