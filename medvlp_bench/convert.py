@@ -48,6 +48,8 @@ class KeyMap:
     hooks: Mapping[str, Hook] = field(default_factory=dict)  # target key -> special conversion
     data: str = "phantom_ct"  # corpus that sets input dims/size when the command names no data=
     signatures: tuple[tuple[str, str], ...] = ()  # (source key regex, architecture) for messages
+    #: (source key regex, image-encoder preset): the preset a layout loads into, used when no override names one
+    encoders: tuple[tuple[str, str], ...] = ()
 
 
 # ---- BrainMVP -----------------------------------------------------------------------------------------
@@ -88,6 +90,7 @@ BRAINMVP = KeyMap(
     hooks={"templates_no_decay": _brainmvp_templates},
     data="phantom_mri",
     signatures=((r"encoder\.uniformer\..+", "UniFormer-small (BrainMVP_uniformer.pt)"), (r"conv1a\..+", "3D U-Net")),
+    encoders=((r"encoder\.uniformer\..+", "uniformer_small"), (r"conv1a\..+", "brainmvp_unet")),
 )
 
 # ---- GTGM -----------------------------------------------------------------------------------------------
@@ -310,6 +313,21 @@ def build_target(method: str, overrides: Sequence[str], in_channels: int | None)
     return build_method(cfg), to_container(cfg.method.model), ovs
 
 
+ENCODER_NAME = "method.model.image_encoder.name="
+
+
+def encoder_override(method: str, keys: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``[method.model.image_encoder.name=<preset>]`` for the encoder the source's layout loads into (the
+    released size, e.g. ``uniformer_small`` for ``BrainMVP_uniformer.pt``); empty if the overrides name an
+    encoder already (a smaller test size, say) or no signature matches."""
+    if any(o.lstrip("+~").startswith(ENCODER_NAME) for o in overrides):
+        return []
+    for pattern, preset in MAPPINGS[method].encoders:
+        if any(re.fullmatch(pattern, k) for k in keys):
+            return [ENCODER_NAME + preset]
+    return []
+
+
 def _architecture(keys: Sequence[str], keymap: KeyMap) -> str:
     hits = [name for pattern, name in keymap.signatures if any(re.fullmatch(pattern, k) for k in keys)]
     return ", ".join(hits) or "unknown layout"
@@ -338,11 +356,14 @@ def main_convert(argv: Sequence[str]) -> int:
         if args.method not in MAPPINGS:
             raise ConvertError(f"unknown method {args.method!r}; supported: {', '.join(sorted(MAPPINGS))}")
         source, how = load_source(args.source)
-        module, model_cfg, ovs = build_target(args.method, args.overrides, args.in_channels)
+        chosen = encoder_override(args.method, list(source), args.overrides)
+        module, model_cfg, ovs = build_target(args.method, [*chosen, *args.overrides], args.in_channels)
         report = convert_state_dict(args.method, source, module, args.channel_policy)
     except (ConvertError, FileNotFoundError, ConfigError) as e:
         return fail(str(e))
     print(f"{args.method}: {args.source} ({_architecture(list(source), MAPPINGS[args.method])})")
+    if chosen:
+        print(f"image encoder: {chosen[0].removeprefix(ENCODER_NAME)} (from the source's keys; set {ENCODER_NAME}...)")
     print(report.table())
     if not any(t.startswith("image_encoder.") for t in report.loaded.values()):
         return fail(

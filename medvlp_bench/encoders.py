@@ -17,6 +17,7 @@ from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 
 from .types import ImageFeatures
+from .uniformer import UniFormer
 
 
 class ImageEncoder(nn.Module):
@@ -211,6 +212,50 @@ class BrainUNetEncoder(ImageEncoder):
         return ImageFeatures(pooled=c4.flatten(2).mean(-1), maps=[c2, c3, c4], tokens=c4.flatten(2).transpose(1, 2))
 
 
+class UniFormerEncoder(ImageEncoder):
+    """The UniFormer BrainMVP pre-trains (its ``BrainMVP_uniformer.pt`` release; trunk in ``uniformer.py``).
+
+    ``net`` carries the authors' module names (``patch_embed1.proj``, ``blocks1.0.conv1``, ``blocks3.0.attn.qkv``,
+    ``norm``, ...), so ``medbench convert brainmvp`` maps ``encoder.uniformer.*`` one to one. Maps are the four
+    stage outputs at strides 2, 4, 8 and 16 (the ones the authors' downstream decoder reads); pooled is the mean
+    of the deepest, tokens its voxels. Every axis needs at least 16 voxels.
+
+    ``depth_last`` (3D only): the authors feed (H, W, D) volumes, MONAI's NIfTI order and ours, and permute
+    them to (D, H, W) before the trunk (``x.permute(0, 1, 4, 2, 3)``). Their kernels are learnt in that order,
+    so the same permutation is applied here, and the maps are permuted back to the input's order, as their
+    decoder does. Turning it off runs the trunk on the input's axis order.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        depth: Sequence[int] = (3, 4, 8, 3),
+        embed_dim: Sequence[int] = (64, 128, 320, 512),
+        head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        depth_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.net = UniFormer(spatial_dims, in_channels, depth, embed_dim, head_dim, mlp_ratio, qkv_bias)
+        self.depth_last = depth_last and spatial_dims == 3
+        self.feature_channels = [int(d) for d in embed_dim]
+        self.feature_strides = [2, 4, 8, 16]
+        self.out_dim = self.feature_channels[-1]
+
+    def forward(self, image: Tensor) -> ImageFeatures:
+        if min(image.shape[2:]) < 16:
+            raise ValueError(f"UniFormer needs >= 16 voxels per axis (stride 16), got {tuple(image.shape[2:])}")
+        x = image.permute(0, 1, 4, 2, 3) if self.depth_last else image
+        maps = self.net(x)
+        if self.depth_last:
+            maps = [m.permute(0, 1, 3, 4, 2) for m in maps]
+        last = maps[-1]
+        return ImageFeatures(pooled=last.flatten(2).mean(-1), maps=maps, tokens=last.flatten(2).transpose(1, 2))
+
+
 #: name -> (class, default kwargs). Sizes follow the usual family names; ``*_tiny`` are for tests and
 #: the CPU phantom benchmark.
 PRESETS: dict[str, tuple[type[ImageEncoder], dict[str, Any]]] = {
@@ -226,6 +271,9 @@ PRESETS: dict[str, tuple[type[ImageEncoder], dict[str, Any]]] = {
     "swin_unetr": (SwinEncoder, {"feature_size": 48, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)}),
     "brainmvp_unet_tiny": (BrainUNetEncoder, {"init_channels": 8}),
     "brainmvp_unet": (BrainUNetEncoder, {"init_channels": 32}),  # the BrainMVP_unet.pt release
+    "uniformer_tiny": (UniFormerEncoder, {"depth": (1, 1, 1, 1), "embed_dim": (16, 32, 48, 64), "head_dim": 16}),
+    # the BrainMVP_uniformer.pt release (the authors' uniformer_small: 3, 4, 8, 3 blocks; 1, 1, 5, 8 heads)
+    "uniformer_small": (UniFormerEncoder, {"depth": (3, 4, 8, 3), "embed_dim": (64, 128, 320, 512), "head_dim": 64}),
 }
 
 

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from medvlp_bench.checkpoint import CONFIG
 from medvlp_bench.config import tiny_overrides
-from medvlp_bench.convert import ConvertError, adapt_stem, build_target, convert_state_dict, load_source, main_convert
+from medvlp_bench.convert import (
+    ConvertError,
+    adapt_stem,
+    build_target,
+    convert_state_dict,
+    encoder_override,
+    load_source,
+    main_convert,
+)
 from medvlp_bench.encoders import build_image_encoder
 from medvlp_bench.methods.brainmvp import BrainMVP
 from medvlp_bench.run import load_method
@@ -183,10 +191,84 @@ def test_brainmvp_unet_release_converts_end_to_end(tmp_path: Path) -> None:
     assert sorted(report["ignored"]) == sorted(decoder)
 
 
-def test_brainmvp_uniformer_release_has_no_counterpart_yet(tmp_path: Path, capsys) -> None:
+def _uniformer_release(path: Path, enc: dict[str, Tensor], templates: Tensor) -> dict[str, Tensor]:
+    """Write a BrainMVP_uniformer.pt as main.py saves RecModel (DDP); returns the decoder keys it holds."""
+    decoder = {  # UniSegDecoder: UnetrUpBlocks decoder2..5, proj1, out_1 (pre-training reconstruction only)
+        "decoder.decoder5.transp_conv.conv.weight": torch.zeros(64, 48, 2, 2, 2),
+        "decoder.proj1.proj.weight": torch.zeros(64, 1, 3, 3, 3),
+        "decoder.out_1.conv.conv.bias": torch.zeros(1),
+    }
+    named = {**{f"encoder.uniformer.{k}": v for k, v in enc.items()}, **decoder, "rep_template": templates}
+    state = {f"module.{k}": v for k, v in named.items()}
+    torch.save({"current_epoch": 1500, "state_dict": state, "optimizer": {}, "scheduler": {}, "val_best": 0.0}, path)
+    return decoder
+
+
+def test_brainmvp_uniformer_release_converts_end_to_end(tmp_path: Path, capsys) -> None:
+    """A BrainMVP_uniformer.pt in the authors' format -> a checkpoint that ``medbench run ... ckpt=`` loads with
+    every encoder tensor (BatchNorm statistics included) exactly as released."""
+    overrides = [*tiny_overrides("brainmvp"), "method.model.image_encoder.name=uniformer_tiny"]
+    ours = build_target("brainmvp", overrides, None)[0]
+    torch.manual_seed(2)
+    enc = {
+        k.removeprefix("image_encoder.net."): torch.randn_like(v) if v.is_floating_point() else v + 7
+        for k, v in ours.state_dict().items()
+        if k.startswith("image_encoder.net.")
+    }
+    enc = {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in enc.items()}  # valid BatchNorm stats
+    assert {"patch_embed1.proj.weight", "blocks1.0.conv1.weight", "blocks3.0.attn.qkv.weight"} < set(enc)
+    templates = torch.randn(8, *ours.templates_no_decay.shape[1:])  # flair t1 t1c t2 mra pd dwi adc
+    src = tmp_path / "BrainMVP_uniformer.pt"
+    decoder = _uniformer_release(src, enc, templates)
+    out = tmp_path / "converted"
+    assert main_convert(["brainmvp", str(src), str(out), *overrides]) == 0
+    assert "UniFormer-small" in capsys.readouterr().out
+    loaded = load_method(out)
+    assert type(loaded.image_encoder).__name__ == "UniFormerEncoder"
+    for k, v in enc.items():
+        assert torch.equal(loaded.state_dict()["image_encoder.net." + k], v), k
+    order = ("flair", "t1", "t1c", "t2")
+    want = [order.index("t1c" if m == "t1ce" else m) for m in loaded.modalities]
+    assert torch.equal(loaded.templates_no_decay, templates[want])
+    report = json.loads((out / CONFIG).read_text())["converted_from"]["report"]
+    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
+    assert sorted(report["ignored"]) == sorted(decoder) and len(report["loaded"]) == len(enc) + 1
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval().image_features(torch.randn(1, 1, 32, 32, 32)).pooled).all()
+
+
+def test_uniformer_release_selects_uniformer_small_unless_an_encoder_is_named(tmp_path: Path, capsys) -> None:
+    keys = ["encoder.uniformer.patch_embed1.proj.weight", "rep_template"]
+    assert encoder_override("brainmvp", keys, []) == ["method.model.image_encoder.name=uniformer_small"]
+    assert encoder_override("brainmvp", ["conv1a.weight"], []) == ["method.model.image_encoder.name=brainmvp_unet"]
+    assert encoder_override("brainmvp", keys, ["method.model.image_encoder.name=uniformer_tiny"]) == []
+    assert encoder_override("gtgm", keys, []) == []
+
+    src = tmp_path / "BrainMVP_uniformer.pt"  # the released shapes (uniformer_small, 1 channel), stem only
+    stem = {"module.encoder.uniformer.patch_embed1.proj.weight": torch.randn(64, 1, 2, 2, 2)}
+    torch.save({"state_dict": stem}, src)
+    out = tmp_path / "out"
+    assert main_convert(["brainmvp", str(src), str(out), "method.model.crop_size=32", "--strict"]) == 2
+    printed = capsys.readouterr()
+    assert "image encoder: uniformer_small" in printed.out and "loaded      1 keys" in printed.out
+    assert "missing     image_encoder.net.blocks4.2.mlp.fc2.weight" in printed.out  # the rest of uniformer_small
+    assert "--strict" in printed.err and not out.exists()
+
+
+def test_uniformer_stem_with_four_modalities_is_adapted() -> None:
+    overrides = [*tiny_overrides("brainmvp"), "method.model.image_encoder.name=uniformer_tiny"]
+    module = build_target("brainmvp", overrides, None)[0]
+    w4 = torch.randn(16, 4, 2, 2, 2)  # a fine-tuned 4-channel patch embedding
+    report = convert_state_dict("brainmvp", {"encoder.uniformer.patch_embed1.proj.weight": w4}, module)
+    assert [a["target"] for a in report.channel_adaptations] == ["image_encoder.net.patch_embed1.proj.weight"]
+    assert torch.allclose(module.image_encoder.net.patch_embed1.proj.weight, w4.mean(1, keepdim=True))
+
+
+def test_brainmvp_uniformer_release_into_another_encoder_is_refused(tmp_path: Path, capsys) -> None:
     src = tmp_path / "BrainMVP_uniformer.pt"
     state = {"module.encoder.uniformer.patch_embed1.proj.weight": torch.zeros(64, 1, 2, 2, 2)}
     torch.save({"current_epoch": 1500, "state_dict": {**state, "module.rep_template": torch.zeros(8, 4, 4, 4)}}, src)
+    # tiny_overrides name resnet_tiny: a random ResNet under the authors' name is refused, not written
     assert main_convert(["brainmvp", str(src), str(tmp_path / "out"), *tiny_overrides("brainmvp")]) == 2
     err = capsys.readouterr().err
     assert "no image-encoder weight" in err and "UniFormer" in err
