@@ -45,6 +45,10 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
     kinds = {task: task_kind(compose("run", ["method=scratch", f"task={task}"]).task) for task in s.tasks}
     by_kind = s.get("task_overrides") or {}
     by_task = {task: [str(o) for o in by_kind.get(kind) or []] for task, kind in kinds.items()}
+    by_method = s.get("method_overrides") or {}  # e.g. a pre-training lr only one method has
+    unknown = sorted(set(by_method) - set(s.methods))
+    if unknown:
+        raise ValueError(f"suite.method_overrides names {unknown}, not in suite.methods {list(s.methods)}")
     for method in s.methods:
         for task in s.tasks:
             for seed in s.seeds:
@@ -54,7 +58,8 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
                         ov += [f"task.label_fraction={frac}"] if frac is not None else []
                         ov += [f"task.protocol={protocol}"] if protocol is not None else []
                         ov += tiny_overrides(method) if s.get("tiny") else []
-                        out.append(ov + list(s.get("overrides") or []) + by_task[task] + passthrough)
+                        ov += list(s.get("overrides") or []) + by_task[task]
+                        out.append(ov + [str(o) for o in by_method.get(method) or []] + passthrough)
     return out
 
 
