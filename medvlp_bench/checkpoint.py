@@ -54,6 +54,26 @@ def save_checkpoint(
     return sha
 
 
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module``'s floating-point parameters (the reference for :func:`relative_shift`)."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in module.named_parameters() if p.is_floating_point()}
+
+
+def relative_shift(reference: dict[str, torch.Tensor], module: nn.Module) -> float:
+    """||theta - theta_0|| / ||theta_0|| over the parameters of ``reference`` (all tensors as one vector).
+
+    Why: a pre-training run that barely moves the encoder from its seeded initialisation is ``scratch`` under
+    another name, and a benchmark row built on it compares nothing. Recorded in every pre-training checkpoint.
+    """
+    now = dict(module.named_parameters())
+    num = den = 0.0
+    for name, ref in reference.items():
+        cur = now[name].detach().to("cpu", torch.float64)
+        num += float((cur - ref.double()).pow(2).sum())
+        den += float(ref.double().pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else float("nan")
+
+
 def is_checkpoint(folder: Path) -> bool:
     return (Path(folder) / WEIGHTS).is_file() and (Path(folder) / CONFIG).is_file()
 

@@ -145,6 +145,7 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
     method = build_method(cfg)
     if not method.needs_pretraining:
         raise ConfigError(f"method {cfg.names.method!r} has no pre-training objective")
+    init = checkpoint.snapshot(method.image_encoder)  # the seeded init, also on resume (loaded later by fit)
     dm = instantiate(cfg.data)
     sched = cfg.method.pretrain
     dm.batch_size = int(sched.batch_size)
@@ -185,10 +186,32 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
             "pretrain_key": pretrain_key(cfg),
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
+            "encoder_shift": checkpoint.relative_shift(init, method.image_encoder),
         }
+        _report_shift(info["encoder_shift"], cfg, logger)
         checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
         log.info("saved pre-trained %s to %s", cfg.names.method, out)
     return out
+
+
+#: below this relative change of the image encoder, pre-training is flagged as (nearly) not having happened
+MIN_ENCODER_SHIFT = 0.02
+
+
+def _report_shift(shift: float, cfg: DictConfig, logger: Any) -> None:
+    """Log how far pre-training moved the image encoder; warn when the checkpoint is still nearly its init."""
+    if logger is not None:
+        logger.log_metrics({"pretrain.encoder_shift": shift})
+    msg = "pre-training moved the image encoder by %.1f%% of its norm (%s on %s, seed %s)"
+    args = (100 * shift, cfg.names.method, cfg.names.data, cfg.seed)
+    if shift < MIN_ENCODER_SHIFT:
+        log.warning(
+            msg + ": the checkpoint is close to its random initialisation, so rows built on it measure little "
+            "beyond scratch; raise method.pretrain.max_epochs or method.model.lr",
+            *args,
+        )
+    else:
+        log.info(msg, *args)
 
 
 def speed_up(method: Method, trainer_cfg: DictConfig, spatial_dims: int) -> None:

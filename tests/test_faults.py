@@ -72,6 +72,9 @@ def test_killed_pretraining_resumes_to_identical_weights(tmp_path: Path) -> None
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming pre-training" in again.stderr + again.stdout
     assert _weights_sha(b) == _weights_sha(a)
+    # the shift is measured from the seeded init, not from the resume point: both runs report the same value
+    shifts = [json.loads(next((r / "cache" / "checkpoints").glob("*/config.json")).read_text()) for r in (a, b)]
+    assert shifts[0]["encoder_shift"] == shifts[1]["encoder_shift"] > 0
 
 
 def test_torn_resume_checkpoint_is_ignored(tmp_path: Path) -> None:
