@@ -162,6 +162,23 @@ def test_brainmvp_unet_layout_and_templates_by_modality_name() -> None:
     assert "template_size=[20, 20, 20]" in other_canvas.mismatched[0]["reason"]
 
 
+def _assert_brainmvp_import(
+    out: Path, enc: dict[str, Tensor], templates: Tensor, decoder: dict[str, Tensor]
+) -> tuple[BrainMVP, dict]:
+    """The converted checkpoint loads with every encoder tensor as released, the templates picked by modality
+    name (the authors' order: flair t1 t1c t2 ...), nothing missing or mismatched, the decoder ignored."""
+    loaded = load_method(out)
+    for k, v in enc.items():
+        assert torch.equal(loaded.state_dict()["image_encoder.net." + k], v), k
+    order = ("flair", "t1", "t1c", "t2")
+    want = [order.index("t1c" if m == "t1ce" else m) for m in loaded.modalities]
+    assert torch.equal(loaded.templates_no_decay, templates[want])
+    report = json.loads((out / CONFIG).read_text())["converted_from"]["report"]
+    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
+    assert sorted(report["ignored"]) == sorted(decoder)
+    return loaded, report
+
+
 def test_brainmvp_unet_release_converts_end_to_end(tmp_path: Path) -> None:
     """A BrainMVP_unet.pt as main.py saves it ({'state_dict': DDP 'module.' keys, ...}) -> a checkpoint that
     ``medbench run ... ckpt=`` loads with the encoder weights exactly as released."""
@@ -180,15 +197,7 @@ def test_brainmvp_unet_release_converts_end_to_end(tmp_path: Path) -> None:
     torch.save({"current_epoch": 1500, "state_dict": state, "optimizer": {}, "val_best": 0.0}, src)
     out = tmp_path / "converted"
     assert main_convert(["brainmvp", str(src), str(out), *overrides]) == 0
-    loaded = load_method(out)
-    for k, v in enc.items():
-        assert torch.equal(loaded.state_dict()["image_encoder.net." + k], v), k
-    order = ("flair", "t1", "t1c", "t2")
-    want = [order.index("t1c" if m == "t1ce" else m) for m in loaded.modalities]
-    assert torch.equal(loaded.templates_no_decay, templates[want])
-    report = json.loads((out / CONFIG).read_text())["converted_from"]["report"]
-    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
-    assert sorted(report["ignored"]) == sorted(decoder)
+    _assert_brainmvp_import(out, enc, templates, decoder)
 
 
 def _uniformer_release(path: Path, enc: dict[str, Tensor], templates: Tensor) -> dict[str, Tensor]:
@@ -223,16 +232,9 @@ def test_brainmvp_uniformer_release_converts_end_to_end(tmp_path: Path, capsys) 
     out = tmp_path / "converted"
     assert main_convert(["brainmvp", str(src), str(out), *overrides]) == 0
     assert "UniFormer-small" in capsys.readouterr().out
-    loaded = load_method(out)
+    loaded, report = _assert_brainmvp_import(out, enc, templates, decoder)
     assert type(loaded.image_encoder).__name__ == "UniFormerEncoder"
-    for k, v in enc.items():
-        assert torch.equal(loaded.state_dict()["image_encoder.net." + k], v), k
-    order = ("flair", "t1", "t1c", "t2")
-    want = [order.index("t1c" if m == "t1ce" else m) for m in loaded.modalities]
-    assert torch.equal(loaded.templates_no_decay, templates[want])
-    report = json.loads((out / CONFIG).read_text())["converted_from"]["report"]
-    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
-    assert sorted(report["ignored"]) == sorted(decoder) and len(report["loaded"]) == len(enc) + 1
+    assert len(report["loaded"]) == len(enc) + 1
     with torch.no_grad():
         assert torch.isfinite(loaded.eval().image_features(torch.randn(1, 1, 32, 32, 32)).pooled).all()
 
