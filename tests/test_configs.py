@@ -119,3 +119,12 @@ def test_phantom_sizes_follow_to_a_named_corpus_and_nothing_else_does() -> None:
     assert cfg.data.size == 32 and {p.size for p in cfg.data.parts.values()} == {32}
     assert {p.n_train for p in cfg.data.parts.values()} == {48}
     assert {p.batch_size for p in cfg.data.parts.values()} == {64, 16}  # not a phantom size: the parts' own
+
+
+@pytest.mark.parametrize(("twin", "method"), [("scratch_swin", "gtgm"), ("scratch_vit", "unimedi")])
+def test_scratch_twins_build_the_same_encoder_as_their_method(twin: str, method: str) -> None:
+    """The twin configs copy their method's encoder block: this keeps the copies from drifting apart."""
+    cfgs = [compose("run", [f"method={m}", "task=phantom_ct_cls"]) for m in (twin, method)]
+    assert cfgs[0].method.model.image_encoder == cfgs[1].method.model.image_encoder
+    encoder_tiny = [[o for o in c.method.tiny if ".image_encoder." in o] for c in cfgs]
+    assert encoder_tiny[0] == encoder_tiny[1]
