@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUITE ?= quickstart
+# your own run goes here; the committed results/ holds the reference run (QS_RESULTS=results reuses its rows)
+QS_RESULTS ?= results/local
 PYTEST_ARGS ?=
 
 .PHONY: setup quickstart test test-all lint clean-cache
@@ -18,8 +20,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 setup: $(STAMP)  ## create .venv and install the package with pinned dependencies
 
 quickstart: $(STAMP)  ## pre-train the baselines on phantoms, evaluate, write and print the leaderboard
-	$(BIN)/medbench bench suite=$(SUITE)
-	$(BIN)/medbench report
+	MEDBENCH_RESULTS=$(QS_RESULTS) $(BIN)/medbench bench suite=$(SUITE)
+	$(BIN)/medbench report --results $(QS_RESULTS)
 
 test: $(STAMP)  ## the default test run (CPU, no slow or GPU tests)
 	$(BIN)/ruff check .
