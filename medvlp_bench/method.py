@@ -58,6 +58,16 @@ class Method(L.LightningModule):
         """Return ``{"loss": total, **parts}``; every entry is logged as ``train/<key>``."""
         raise NotImplementedError(f"{type(self).__name__} has no pre-training objective")
 
+    def corpus_stats(self, datamodule: Any) -> dict[str, Any]:
+        """Check the pre-training corpus and describe it, before the first step (called on every rank).
+
+        A method whose objective depends on something the corpus may lack (labels read from reports, a
+        modality) raises ``ConfigError`` here, so a run stops before any training instead of optimising a
+        degenerate loss. The returned dict goes into the checkpoint's ``config.json`` (``corpus_stats``) and
+        its numeric entries to the logger as ``pretrain.<key>``.
+        """
+        return {}
+
     # ---- used by tasks -----------------------------------------------------------------------
     @property
     def has_text_tower(self) -> bool:

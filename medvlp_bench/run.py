@@ -152,11 +152,16 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
     dm.rng_seed = int(cfg.seed)
     if method.text_encoder is not None:
         dm.tokenizer = method.text_encoder.tokenizer
+    stats = method.corpus_stats(dm)
     logger = tracking.make_logger(
         cfg.logger,
         f"pretrain/{cfg.names.method}/{cfg.names.data}/s{cfg.seed}",
         {"verb": "pretrain", "method": cfg.names.method, "data": cfg.names.data},
     )
+    if logger is not None and stats:
+        numeric = {f"pretrain.{k}": float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        if numeric:
+            logger.log_metrics(numeric)
     resume_dir = Path(cfg.paths.work_dir) / "pretrain" / out.name
     # one file, overwritten (atomically) at every epoch end: the resume point after a crash or kill
     ckpt_cb = ModelCheckpoint(
@@ -187,6 +192,7 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
             "encoder_shift": checkpoint.relative_shift(init, method.image_encoder),
+            "corpus_stats": stats,
         }
         _report_shift(info["encoder_shift"], cfg, logger)
         checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
