@@ -68,6 +68,16 @@ class Method(L.LightningModule):
         """
         return {}
 
+    def proxy_score(self, loader: Any) -> Any:
+        """A held-out proof of learning for a method without a joint image-text space, or None.
+
+        ``loader`` iterates the corpus's validation split. Return a ``medvlp_bench.proxy.ProxyScore`` whose
+        reference is what an untrained model would score (e.g. predicting the per-voxel mean). None falls back
+        to the method's own loss on the validation split against its value at the start of the run; methods
+        with a text tower are scored by retrieval (``medvlp_bench.proxy``).
+        """
+        return None
+
     # ---- used by tasks -----------------------------------------------------------------------
     @property
     def has_text_tower(self) -> bool:

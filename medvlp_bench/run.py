@@ -25,7 +25,7 @@ from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import __version__, checkpoint, results, tracking
+from . import __version__, checkpoint, proxy, results, tracking
 from .config import ConfigError, compose, instantiate, to_container, unmet_requirements
 from .method import Method
 from .task import EvalContext, Task
@@ -172,10 +172,11 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
+    proxy_cb = proxy.ProxyCallback(dm)
     trainer = make_trainer(
         cfg.trainer,
         logger,
-        callbacks=[ckpt_cb],
+        callbacks=[ckpt_cb, proxy_cb],
         max_epochs=int(sched.max_epochs),
         gradient_clip_val=sched.get("gradient_clip_val"),
         accumulate_grad_batches=int(sched.get("accumulate_grad_batches", 1)),
@@ -193,8 +194,10 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
             "steps": trainer.global_step,
             "encoder_shift": checkpoint.relative_shift(init, method.image_encoder),
             "corpus_stats": stats,
+            "proxy": proxy_cb.summary(),
         }
         _report_shift(info["encoder_shift"], cfg, logger)
+        proxy.report(info["proxy"], f"{cfg.names.method} on {cfg.names.data}, seed {cfg.seed}")
         checkpoint.save_checkpoint(method, to_container(cfg.method.model), out, info)
         log.info("saved pre-trained %s to %s", cfg.names.method, out)
     return out

@@ -1,0 +1,107 @@
+"""Proof of learning: the held-out proxy against chance, by hand, and recorded by a real pre-training run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_data
+from scipy.stats import binom
+
+from medvlp_bench import proxy
+
+
+def test_retrieval_hits_match_hand_counts() -> None:
+    # 4 pairs; image i is closest to text i except image 3, whose true text ranks 2nd (text 0 is closer)
+    txt = torch.eye(4)
+    img = torch.eye(4).clone()
+    img[3] = F.normalize(torch.tensor([0.9, 0.0, 0.0, 0.5]), dim=0)
+    r = proxy.retrieval_hits(img, txt, ks=(1, 2))
+    assert r["i2t_r1"] == 0.75 and r["i2t_r2"] == 1.0
+    # text 0's true image (0, score 1.0) still beats image 3 (0.87): every t2i query ranks its image first
+    assert r["t2i_r1"] == 1.0
+    assert r["hits"] == 8 and r["n"] == 4  # R@2 hits, both ways
+
+
+def test_retrieval_verdict_is_a_one_sided_binomial_test_against_k_over_n() -> None:
+    n, k = 100, 10
+    p_chance, ok = proxy.retrieval_verdict(hits=20, n=n, k=k)  # exactly the expected 2n * k/n hits
+    assert not ok and p_chance == pytest.approx(binom.sf(19, 2 * n, k / n))
+    p_good, ok = proxy.retrieval_verdict(hits=40, n=n, k=k)
+    assert ok and p_good < 1e-4
+    assert proxy.retrieval_verdict(hits=20, n=10, k=10) == (1.0, False)  # k >= n: every query hits
+
+
+def test_gain_verdict_needs_a_real_drop() -> None:
+    assert proxy.gain_verdict(0.90, 1.0)
+    assert not proxy.gain_verdict(0.97, 1.0)  # under MIN_GAIN
+    assert not proxy.gain_verdict(float("nan"), 1.0)
+
+
+class _LossOnly(torch.nn.Module):
+    """A method without a text tower or own proxy: its loss is the mean of its input times a weight."""
+
+    has_text_tower = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    def proxy_score(self, loader: Any) -> None:
+        return None
+
+    def pretrain_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"loss": self.w * batch["image"].mean()}
+
+
+def test_val_loss_fallback_compares_with_the_start_of_the_run() -> None:
+    m = _LossOnly()
+    loader = [{"image": torch.full((2, 1), 2.0)}, {"image": torch.full((4, 1), 5.0)}]
+    first = proxy.score(m, loader)
+    assert first.kind == "val_loss" and first.values["val_loss"] == pytest.approx((2 * 2 + 4 * 5) / 6)
+    assert first.learned is None  # no reference yet
+    with torch.no_grad():
+        m.w.fill_(0.5)
+    later = proxy.score(m, loader, {"val_loss": first.values["val_loss"]})
+    assert later.values["val_loss"] == pytest.approx(2.0) and later.learned is True
+    assert m.training  # mode restored
+
+
+def test_pretraining_records_the_proxy_and_its_curve(workdir: Path) -> None:
+    from medvlp_bench.config import compose
+    from medvlp_bench.run import pretrain
+
+    epochs = 2
+    cfg = compose(
+        "pretrain",
+        [
+            "method=clip",
+            "data=phantom_cxr",
+            "data.size=32",
+            *tiny_data("data"),
+            "logger=none",
+            "trainer.progress=none",
+            "method.model.image_encoder.name=resnet_tiny",
+            f"method.pretrain.max_epochs={epochs}",
+            "method.pretrain.batch_size=8",
+        ],
+    )
+    folder = pretrain(cfg)
+    info = json.loads((folder / "config.json").read_text())["proxy"]
+    assert info["kind"] == "retrieval"
+    n = info["n"]["all"]
+    assert n == 12  # the validation split of tiny_data
+    assert info["reference"] == {"chance_r1": 1 / n, "chance_r10": 10 / n}
+    assert [c["epoch"] for c in info["curve"]] == [-1, *range(epochs)]
+    assert all(0.0 <= v <= 1.0 for v in info["values"].values())
+    assert isinstance(info["learned"], bool) and 0.0 <= info["p_value"]["all"] <= 1.0
+    assert math.isclose(info["values"]["i2t_r1"], info["curve"][-1]["i2t_r1"])
