@@ -10,9 +10,15 @@ corpus alternates, see ``datasets/mixed.py``) and the loss is
 
 SD: the student sees x with ``mask_ratio`` of its patch tokens replaced by [MASK]; a predictor maps its
 final tokens onto the teacher's final tokens of the full x, loss = mean over masked tokens of 1 - cos.
-Slice selection: the EMA teacher embeds every ``slice_stride``-th axial slice through the 2D path, scores it
-by cosine with the report embedding, and keeps the top ``slice_ratio``; ``slices_per_volume`` of those are
-drawn per step and contrasted with the report (pseudo 2D-3D pairs).
+The report guides what is looked at, in both kinds of image, through one scoring rule (``text_scores``:
+cosine of the teacher-projected feature with the report embedding):
+- 3D, slice selection: the EMA teacher embeds every ``slice_stride``-th axial slice through the 2D path,
+  scores it, and keeps the top ``slice_ratio``; ``slices_per_volume`` of those are drawn per step and
+  contrasted with the report (pseudo 2D-3D pairs).
+- 2D, token selection (``mask_2d: text``, attentive masking as in A-CLIP): the teacher's patch tokens of
+  the full X-ray are scored, and the ``mask_text_fraction`` share of the student's visible tokens are the
+  most text-related ones (the rest of the visible tokens are random). ``mask_2d: random`` is uniform
+  random masking (the behaviour before version 2). 3D volumes are always masked at random.
 The teacher (image encoder + image projection) never receives gradients and follows p_t <- m p_t + (1-m) p_s
 after every optimiser step; parameters without gradients are neither optimised nor synchronised by DDP.
 """
@@ -35,6 +41,8 @@ from medvlp_bench.types import Batch
 
 #: axial axis of a [B, C, D, H, W] volume (phantom_ct stores superior -> inferior along D)
 AXIAL_AXIS = 2
+#: how the student's 2D tokens are masked: keep the report-related ones visible, or uniformly at random
+MASK_2D_MODES = ("text", "random")
 
 
 class UniMedI(CLIP):
@@ -44,7 +52,12 @@ class UniMedI(CLIP):
         slice_ratio: fraction of the scored slices kept as text-related (top-k), paper-suggested 0.25.
         slice_stride: score every n-th axial slice (cost control; 1 scores all).
         slices_per_volume: selected slices drawn per volume and step, each a separate B x B contrast.
-        mask_ratio: fraction of the student's patch tokens replaced by [MASK].
+        mask_ratio: fraction of the student's patch tokens replaced by [MASK] (2D and 3D; sets the keep ratio).
+        mask_2d: ``"text"``: 2D student masks keep the most report-related tokens visible (the teacher's patch
+            tokens scored by ``text_scores``, no gradient); ``"random"``: uniform random, as before version 2.
+        mask_text_fraction: share of the visible 2D tokens that are the top-scored ones in ``text`` mode; the
+            others are drawn at random from the rest. Paper silent; 1.0 (pure top-k, as A-CLIP's released
+            code) by default. 0 is random masking through the same code path.
         ema_momentum: m in p_t <- m p_t + (1 - m) p_s.
         clip_weight, slice_weight, distill_weight: loss weights (1:1:1 by default).
         predictor_hidden: hidden width of the student's 2-layer token predictor (None: the encoder width).
@@ -55,6 +68,8 @@ class UniMedI(CLIP):
     """
 
     impl_source: ClassVar[str] = "paper"
+    #: 2: text-guided 2D token masking (``mask_2d: text``) is the default; 1 masked 2D tokens at random
+    version: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -65,6 +80,8 @@ class UniMedI(CLIP):
         slice_stride: int = 2,
         slices_per_volume: int = 1,
         mask_ratio: float = 0.5,
+        mask_2d: str = "text",
+        mask_text_fraction: float = 1.0,
         ema_momentum: float = 0.996,
         clip_weight: float = 1.0,
         slice_weight: float = 1.0,
@@ -79,19 +96,23 @@ class UniMedI(CLIP):
                 f"unimedi needs its shared 2D/3D ViT (medvlp_bench.methods.unimedi_vit.UniMedIViT) as "
                 f"method.model.image_encoder, got {type(image_encoder).__name__}"
             )
+        if mask_2d not in MASK_2D_MODES:
+            raise ValueError(f"unimedi: mask_2d={mask_2d!r} is not one of {', '.join(MASK_2D_MODES)}")
         checks = {
             "slice_ratio": 0 < slice_ratio <= 1,
             "mask_ratio": 0 <= mask_ratio < 1,
+            "mask_text_fraction": 0 <= mask_text_fraction <= 1,
             "ema_momentum": 0 <= ema_momentum <= 1,
             "slice_stride": slice_stride >= 1,
             "slices_per_volume": slices_per_volume >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"unimedi: invalid {', '.join(bad)} (ratios in (0, 1]/[0, 1), counts >= 1)")
+            raise ValueError(f"unimedi: invalid {', '.join(bad)} (ratios in (0, 1]/[0, 1)/[0, 1], counts >= 1)")
         super().__init__(image_encoder, text_encoder, **kw)
         self.slice_ratio, self.slice_stride, self.slices_per_volume = slice_ratio, slice_stride, slices_per_volume
         self.mask_ratio, self.ema_momentum, self.score_chunk = mask_ratio, ema_momentum, score_chunk
+        self.mask_2d, self.mask_text_fraction = mask_2d, mask_text_fraction
         self.weights = {"clip": clip_weight, "slice": slice_weight, "distill": distill_weight}
         if proj_batchnorm:
             self.image_proj = nn.Sequential(nn.BatchNorm1d(image_encoder.out_dim), self.image_proj)
@@ -134,17 +155,28 @@ class UniMedI(CLIP):
         self.teacher.eval()  # the teacher is a fixed target: no dropout, ever
         return self
 
-    # ---- slice selection --------------------------------------------------------------------------
+    # ---- text guidance: slice selection (3D) and token selection (2D) ------------------------------
+    @torch.no_grad()
+    def text_scores(self, feats: Tensor, text_emb: Tensor) -> Tensor:
+        """[B, S] cos(P_t(feats[b, s]), t_b): how report-related each of S teacher features is.
+
+        The one scoring rule for both jobs: ``feats`` are the teacher's pooled slice features (3D slice
+        selection) or its final patch tokens (2D token selection). With the default linear projection (and
+        the BatchNorm in eval mode) P_t is affine, so P_t(pooled) is the mean of the tokens' P_t: a token's
+        score is its share of the image-report similarity. No gradient reaches the text or the teacher.
+        """
+        b, s, c = feats.shape
+        emb = F.normalize(self.teacher["proj"](feats.reshape(b * s, c)).float(), dim=-1).view(b, s, -1)
+        return torch.einsum("bse,be->bs", emb, F.normalize(text_emb.float(), dim=-1))
+
     @torch.no_grad()
     def slice_scores(self, volume: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
         """Candidate axial indices [S] and their cosine with the report embedding [B, S] (teacher, 2D path)."""
         b, c, d, h, w = volume.shape
         z = torch.arange(0, d, self.slice_stride, device=volume.device)
         slices = volume.index_select(AXIAL_AXIS, z).transpose(1, 2).reshape(b * len(z), c, h, w)
-        teacher = self.teacher
-        emb = torch.cat([teacher["proj"](teacher["encoder"](s).pooled) for s in slices.split(self.score_chunk)])
-        emb = F.normalize(emb.float(), dim=-1).view(b, len(z), -1)
-        return z, torch.einsum("bse,be->bs", emb, F.normalize(text_emb.float(), dim=-1))
+        pooled = torch.cat([self.teacher["encoder"](s).pooled for s in slices.split(self.score_chunk)])
+        return z, self.text_scores(pooled.view(b, len(z), -1), text_emb)
 
     def select_slices(self, volume: Tensor, text_emb: Tensor) -> Tensor:
         """[B, k] axial indices of the top-k text-related slices, best first (k = slice_ratio x candidates)."""
@@ -160,16 +192,32 @@ class UniMedI(CLIP):
         return [volume[rows, :, top[rows, picks[:, j]]] for j in range(self.slices_per_volume)]
 
     # ---- objective ----------------------------------------------------------------------------------
-    def token_mask(self, n: int, tokens: int, device: torch.device) -> Tensor:
-        """[n, tokens] bool, exactly round(mask_ratio x tokens) True per row, uniformly at random."""
+    def token_mask(self, n: int, tokens: int, device: torch.device, scores: Tensor | None = None) -> Tensor:
+        """[n, tokens] bool (True = hidden), exactly k = round(mask_ratio x tokens) True per row.
+
+        Without ``scores`` the hidden tokens are uniform at random. With ``scores`` [n, tokens] (text
+        relevance), the round(mask_text_fraction x (tokens - k)) top-scored tokens are always visible and the
+        k hidden ones are drawn at random from the others. Both draw the same uniform noise, so random mode
+        reproduces the pre-version-2 masks for a given seed.
+        """
         k = round(self.mask_ratio * tokens)
-        hide = torch.rand(n, tokens, device=device).argsort(1)[:, :k]
+        noise = torch.rand(n, tokens, device=device)
+        if scores is not None:
+            if scores.shape != (n, tokens):
+                raise ValueError(f"token scores must be [n, tokens] = {(n, tokens)}, got {tuple(scores.shape)}")
+            top = scores.topk(round(self.mask_text_fraction * (tokens - k)), dim=1).indices
+            noise = noise.scatter(1, top, 2.0)  # above every uniform draw: sorted last, never hidden
+        hide = noise.argsort(1)[:, :k]
         return torch.zeros(n, tokens, dtype=torch.bool, device=device).scatter_(1, hide, True)
 
-    def distill_loss(self, student_tokens: Tensor, image: Tensor, mask: Tensor) -> Tensor:
+    def student_mask(self, teacher_tokens: Tensor, text_emb: Tensor, dims: int) -> Tensor:
+        """The student's token mask for a batch: text-guided on 2D in ``mask_2d: text`` mode, else random."""
+        n, tokens = teacher_tokens.shape[:2]
+        scores = self.text_scores(teacher_tokens, text_emb) if dims == 2 and self.mask_2d == "text" else None
+        return self.token_mask(n, tokens, teacher_tokens.device, scores)
+
+    def distill_loss(self, student_tokens: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         """Mean over masked tokens of 1 - cos(predictor(student token), teacher token of the full image)."""
-        with torch.no_grad():
-            target = self.teacher["encoder"](image).tokens
         cos = F.cosine_similarity(self.predictor(student_tokens).float(), target.float(), dim=-1)
         return (1.0 - cos)[mask].mean()
 
@@ -182,11 +230,13 @@ class UniMedI(CLIP):
         out: dict[str, Tensor] = {}
         use_sd = self.weights["distill"] > 0 and self.mask_ratio > 0
         if use_sd:  # full and masked views in one forward: [x; x_masked]
-            mask = self.token_mask(n, math.prod(self.image_encoder.grid(image)), image.device)
+            with torch.no_grad():  # the teacher's tokens are the distillation target and the 2D mask's scores
+                target = self.teacher["encoder"](image).tokens
+            mask = self.student_mask(target, txt, dims)
             none = torch.zeros_like(mask)
             feats = self.image_encoder(torch.cat([image, image]), mask=torch.cat([none, mask]))
             pooled = feats.pooled[:n]
-            out[f"distill{dims}d"] = self.distill_loss(feats.tokens[n:], image, mask)
+            out[f"distill{dims}d"] = self.distill_loss(feats.tokens[n:], target, mask)
         else:
             pooled = self.image_encoder(image).pooled
         img = F.normalize(self.image_proj(pooled), dim=-1)

@@ -15,6 +15,7 @@ from medvlp_bench.encoders import build_image_encoder
 from medvlp_bench.methods.unimedi import UniMedI
 from medvlp_bench.methods.unimedi_vit import UniMedIViT
 from medvlp_bench.text import build_text_encoder
+from medvlp_bench.types import ImageFeatures
 
 REPORTS = ["FINDINGS: A 2 cm hypodense liver lesion. IMPRESSION: Liver lesion.", "FINDINGS: Normal. IMPRESSION: None."]
 
@@ -128,6 +129,117 @@ def test_select_slices_finds_planted_slices_along_the_axial_axis() -> None:
     assert picked.shape == (2, 4)
     assert sorted(picked[0].tolist()) == [9, 10, 11, 12]
     assert all(s.shape == (2, 1, 32, 32) for s in method.draw_slices(vol, text.expand(2, -1)))
+
+
+# ---- text-guided 2D token masking ---------------------------------------------------------------
+class PlantedTeacher(torch.nn.Module):
+    """A teacher encoder with given final tokens (what the scoring and the distillation read)."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> ImageFeatures:
+        return ImageFeatures(pooled=self.tokens.mean(1), tokens=self.tokens)
+
+
+def spy_student_masks(method: UniMedI) -> list[torch.Tensor]:
+    """Record the masked half of every token mask the student encoder receives."""
+    seen: list[torch.Tensor] = []
+    forward = method.image_encoder.forward
+
+    def spy(image: torch.Tensor, mask: torch.Tensor | None = None) -> ImageFeatures:
+        if mask is not None:
+            seen.append(mask[len(mask) // 2 :].clone())
+        return forward(image, mask)
+
+    method.image_encoder.forward = spy
+    return seen
+
+
+def planted(method: UniMedI, keep: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher tokens [2, 16, 32] of which patches ``keep[b]`` point along one direction u, and the report
+    embeddings [2, 16] = P_t(u): those patches are the report-related ones, the others are noise."""
+    torch.manual_seed(2)
+    tokens = torch.randn(2, 16, 32)
+    u = torch.randn(32) * 3
+    for b, idx in enumerate(keep):
+        tokens[b, idx] = u + 0.05 * torch.randn(len(idx), 32)
+    with torch.no_grad():
+        text = method.teacher["proj"](u[None]).expand(2, -1)
+    return tokens, text
+
+
+KEEP = [[1, 6, 11, 12], [0, 3, 9, 15]]
+
+
+def test_text_mode_keeps_the_report_related_patches_visible_to_the_student() -> None:
+    """16 tokens, mask_ratio 0.75: 4 visible, which must be exactly the 4 planted report-related patches."""
+    method = tiny_method(mask_ratio=0.75, mask_2d="text").eval()
+    tokens, text = planted(method, KEEP)
+    scores = method.text_scores(tokens, text)
+    assert all(set(scores[b].topk(4).indices.tolist()) == set(KEEP[b]) for b in range(2))
+    # through the training step: the teacher's tokens are scored against the batch's own reports
+    method.teacher["encoder"] = PlantedTeacher(tokens)
+    seen = spy_student_masks(method)
+    batch = make_batch(method, (2, 1, 32, 32))
+    method.embed_text = lambda _: text  # the reports embed as P_t(u)
+    out = method.pretrain_step(batch)
+    assert torch.isfinite(out["loss"]) and len(seen) == 1
+    assert [sorted((~seen[0][b]).nonzero().flatten().tolist()) for b in range(2)] == KEEP
+
+
+@pytest.mark.parametrize(("mode", "shape"), [("random", (2, 1, 32, 32)), ("text", (2, 1, 32, 32, 32))])
+def test_random_mode_and_3d_keep_the_version_1_masks(mode: str, shape: tuple[int, ...]) -> None:
+    """mask_2d=random (and any 3D batch) draws exactly the masks of version 1: rand(n, N).argsort()[:, :k]."""
+    method = tiny_method(mask_2d=mode, slice_weight=0.0).eval()  # eval: nothing draws random numbers before
+    seen = spy_student_masks(method)
+    batch = make_batch(method, shape)
+    torch.manual_seed(5)
+    method.pretrain_step(batch)
+    n, tokens = 2, 16 if len(shape) == 4 else 64
+    torch.manual_seed(5)
+    hide = torch.rand(n, tokens).argsort(1)[:, : tokens // 2]
+    want = torch.zeros(n, tokens, dtype=torch.bool).scatter_(1, hide, True)
+    assert torch.equal(seen[0], want)
+
+
+@pytest.mark.parametrize(("ratio", "hidden"), [(0.25, 4), (0.5, 8), (0.75, 12)])
+@pytest.mark.parametrize(("fraction", "top"), [(1.0, 1.0), (0.5, 0.5), (0.0, 0.0)])
+def test_text_mask_hides_the_configured_count_and_keeps_the_top_scored(
+    ratio: float, hidden: int, fraction: float, top: float
+) -> None:
+    method = tiny_method(mask_ratio=ratio, mask_text_fraction=fraction)
+    torch.manual_seed(0)
+    scores = torch.rand(8, 16)
+    mask = method.token_mask(8, 16, torch.device("cpu"), scores)
+    assert (mask.sum(1) == hidden).all()  # round(ratio x 16) hidden, 16 - that visible, every row
+    best = scores.topk(round(top * (16 - hidden)), dim=1).indices
+    assert not mask.gather(1, best).any()  # the top-scored share of the visible tokens is never hidden
+    with pytest.raises(ValueError, match="token scores"):
+        method.token_mask(8, 16, torch.device("cpu"), scores[:, :15])
+
+
+def test_token_scoring_carries_no_gradient() -> None:
+    """The scores read the teacher and a detached report embedding: nothing upstream gets a gradient."""
+    method = tiny_method()
+    batch = make_batch(method, (2, 1, 32, 32))
+    text = method.embed_text(batch["text"])
+    assert text.requires_grad
+    with torch.no_grad():
+        tokens = method.teacher["encoder"](batch["image"]).tokens
+    scores = method.text_scores(tokens, text)
+    assert scores.shape == (2, 16) and not scores.requires_grad and scores.grad_fn is None
+    method.pretrain_step(batch)["loss"].backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_mask_2d_rejects_unknown_mode_naming_the_choices() -> None:
+    text = build_text_encoder("bert_tiny", hidden=32, layers=1, heads=2)
+    with pytest.raises(ValueError, match="mask_2d='topk' is not one of text, random"):
+        UniMedI(tiny_vit(), text, mask_2d="topk")
+    with pytest.raises(ValueError, match="mask_text_fraction"):
+        UniMedI(tiny_vit(), text, mask_text_fraction=1.5)
 
 
 # ---- EMA teacher --------------------------------------------------------------------------------
@@ -277,6 +389,7 @@ def test_configs_compose_for_2d_and_3d_tasks_and_share_one_pretraining() -> None
         assert cfg.names.data == "phantom_cxr_ct" and cfg.data.parts.phantom_ct.size == 64
         method = run.build_method(cfg)
         assert isinstance(method, UniMedI) and method.impl_source == "paper"
+        assert (method.mask_2d, method.mask_text_fraction, method.version) == ("text", 1.0, 2)
         keys.append(run.pretrain_key(cfg))
     assert keys[0] == keys[1]  # the encoder ignores input.spatial_dims: one checkpoint for 2D and 3D tasks
     pcfg = compose("pretrain", ["method=unimedi", "data=phantom_cxr_ct", *TINY_VIT])
