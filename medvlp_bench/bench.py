@@ -1,7 +1,8 @@
 """``medbench bench``: a grid of methods x tasks x label fractions x seeds, resumable cell by cell.
 
-Each cell is an ordinary ``run``; a cell whose JSON already exists is skipped, so an interrupted bench
-picks up where it stopped. Several bench processes can share one results folder: each cell is one file
+Each cell is an ordinary ``run``; a cell whose JSON already exists at the current method and task versions is
+skipped, so an interrupted bench picks up where it stopped. A cell stored at other versions is stale: it is
+re-run, and its file replaced in one rename. Several bench processes can share one results folder: each cell is one file
 renamed into place, and a non-blocking per-cell file lock makes a process skip the cells another is running.
 Pre-trained checkpoints are cached, so seeds and fractions reuse one pre-training.
 """
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from . import results
 from .config import compose, tiny_overrides
 from .run import evaluate, with_corpus
+from .versions import as_version, method_version
 
 log = logging.getLogger("medvlp_bench")
 
@@ -29,6 +31,8 @@ class BenchReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    #: cells whose stored rows had other method/task versions, re-run (each is also in done/failed/...)
+    stale: list[str] = field(default_factory=list)
     #: cells the method cannot do (a task without text for a vision-only method, 2D data for a 3D method)
     inapplicable: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -104,7 +108,8 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
     locks = runs / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     for i, (name, run_cfg, ov) in enumerate(grid, 1):
-        if results.cell_exists(runs, name):
+        want = cell_versions(run_cfg)
+        if _is_current(runs, name, want):
             report.skipped.append(name)
             continue
         lock = FileLock(str(locks / f"{name}.lock"))
@@ -114,12 +119,22 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             report.busy.append(name)
             continue
         try:
-            if results.cell_exists(runs, name):  # finished by another process since the first check
+            if _is_current(runs, name, want):  # finished by another process since the first check
                 report.skipped.append(name)
                 continue
+            if (stored := results.stored_versions(runs, name)) is not None:
+                report.stale.append(name)
+                log.warning(
+                    "%s: stored rows are at (method, task) versions %s, the code at %s: re-running the stale cell",
+                    name,
+                    sorted(stored),
+                    want,
+                )
             log.info("[%d/%d] %s", i, len(grid), name)
             rows = evaluate(with_corpus(run_cfg, ov))
             (report.done if rows else report.inapplicable).append(name)
+            if not rows and stored is not None:
+                log.warning("%s no longer applies; its stale rows stay in %s until deleted", name, runs)
         except Exception as e:  # one broken cell must not lose the others
             if cfg.get("fail_fast", False):
                 raise
@@ -127,9 +142,22 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             report.failed[name] = f"{type(e).__name__}: {e}"
         finally:
             lock.release()
+    if report.stale:
+        log.warning("%d stale cells (other method/task versions) were re-run", len(report.stale))
     report.leaderboard = results.write_leaderboard(Path(cfg.paths.results_dir))
     report.seconds = time.time() - t0
     return report
+
+
+def cell_versions(run_cfg: DictConfig) -> tuple[int, int]:
+    """(method_version, task_version) the code would write for a cell: part of the cell's identity."""
+    task = run_cfg.task
+    return method_version(run_cfg.method.model._target_), as_version(task.get("version", 1), run_cfg.names.task)
+
+
+def _is_current(runs: Path, name: str, want: tuple[int, int]) -> bool:
+    """The cell is stored and every row has the wanted versions (a stale or missing cell must run)."""
+    return results.stored_versions(runs, name) == {want}
 
 
 def suite_overrides(root_overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -134,8 +134,10 @@ def cmd_bench(overrides: list[str]) -> int:
     print(leaderboard_markdown(report.leaderboard))
     busy = f", {len(report.busy)} running in another process" if report.busy else ""
     na = f", {len(report.inapplicable)} not applicable (reasons in the log)" if report.inapplicable else ""
+    stale = f" ({len(report.stale)} stale: stored at other method/task versions)" if report.stale else ""
     print(
-        f"{len(report.done)} cells run, {len(report.skipped)} already done{busy}{na}, {len(report.failed)} failed "
+        f"{len(report.done)} cells run{stale}, {len(report.skipped)} already done{busy}{na}, "
+        f"{len(report.failed)} failed "
         f"in {report.seconds:.0f} s; leaderboard: {Path(cfg.paths.results_dir) / 'leaderboard.csv'}"
     )
     for name, err in report.failed.items():

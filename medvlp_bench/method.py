@@ -28,6 +28,10 @@ class Method(L.LightningModule):
     impl_source: ClassVar[str] = "baseline"
     #: False for methods evaluated from their initialisation (``scratch``)
     needs_pretraining: ClassVar[bool] = True
+    #: bumped (2, 3, ...) by hand whenever the method's behaviour changes: it enters the pre-training cache
+    #: key and every result row, so old checkpoints and rows are never reused; ``tests/test_versions.py``
+    #: fails when the method's sources change without a bump (``medvlp_bench.versions``)
+    version: ClassVar[int] = 1
 
     def __init__(
         self,

@@ -2,6 +2,9 @@
 
 The JSON files under ``results/runs/`` are the source of truth (small, diffable, no server needed); MLflow is
 for browsing. A cell is (method, task, protocol, label_fraction, seed); its file holds one row per metric.
+The cell's identity also includes the method and task versions (``medvlp_bench.versions``): they are stored in
+the rows, not the file name, so a re-run at new versions replaces the file (atomically) and a stale file is
+recognised by ``stored_versions``; the leaderboard never pools rows of different versions.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import numpy as np
 import pandas as pd
 
 from .atomic import ResultsWriteError, atomic_write_bytes, atomic_write_text
+from .versions import as_version
 
 __all__ = ["ResultsWriteError", "atomic_write_bytes", "atomic_write_text"]
 
-GROUP_KEYS = ["method", "task", "kind", "spatial_dims", "protocol", "label_fraction", "metric", "task_version"]
+#: one leaderboard line per group: rows of different method or task versions are never pooled
+GROUP_KEYS = ["method", "task", "kind", "spatial_dims", "protocol", "label_fraction", "metric"]
+GROUP_KEYS += ["task_version", "method_version"]
 LEADERBOARD_COLUMNS = [
     *GROUP_KEYS,
     "impl_source",
@@ -41,7 +47,7 @@ class ResultRow:
     method: str
     impl_source: str
     task: str
-    task_version: str
+    task_version: int
     kind: str
     spatial_dims: int
     protocol: str
@@ -59,6 +65,8 @@ class ResultRow:
     device: str
     n_test: int
     subset_sha256: str | None = None
+    #: ``Method.version`` of the evaluated method; rows written before versions existed read as 1
+    method_version: int = 1
 
 
 def cell_name(method: str, task: str, protocol: str, label_fraction: float, seed: int) -> str:
@@ -90,6 +98,28 @@ def cell_exists(runs_dir: Path, name: str) -> bool:
     return (Path(runs_dir) / f"{name}.json").is_file()
 
 
+def stored_versions(runs_dir: Path, name: str) -> set[tuple[int, int]] | None:
+    """The (method_version, task_version) pairs of a stored cell's rows, or None if the cell has no file.
+
+    Rows written before versions existed have no ``method_version`` and a string ``task_version``: both
+    read as version 1.
+    """
+    path = Path(runs_dir) / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text()).get("rows", [])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt result file {path}: {e}") from e
+    return {
+        (
+            as_version(r.get("method_version", 1), f"{path.name}: method"),
+            as_version(r.get("task_version", 1), f"{path.name}: task"),
+        )
+        for r in rows
+    }
+
+
 def load_rows(runs_dir: Path) -> pd.DataFrame:
     """All rows under ``runs_dir`` as a DataFrame (empty, with the row columns, if there are none)."""
     records: list[dict[str, Any]] = []
@@ -100,7 +130,12 @@ def load_rows(runs_dir: Path) -> pd.DataFrame:
             raise ValueError(f"corrupt result file {p}: {e}") from e
         records.extend(payload.get("rows", []))
     cols = [f.name for f in fields(ResultRow)]
-    return pd.DataFrame.from_records(records, columns=cols) if records else pd.DataFrame(columns=cols)
+    if not records:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame.from_records(records, columns=cols)
+    for col in ("method_version", "task_version"):  # old rows: no method_version, task_version "1"
+        df[col] = [as_version(1 if pd.isna(v) else v, col.split("_")[0]) for v in df[col]]
+    return df
 
 
 def confidence_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float]:
@@ -148,7 +183,11 @@ def build_leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
-    """Compact markdown table: one line per (task, protocol, fraction, method) with mean ± std and CI."""
+    """Compact markdown table: one line per (task, protocol, fraction, method) with mean ± std and CI.
+
+    A method or task at a version other than 1 is shown as ``name vN``, so lines of two versions (separate
+    groups in ``build_leaderboard``) can be told apart.
+    """
     if lb.empty:
         return "_no results yet_\n"
     df = lb[lb["primary"]] if primary_only else lb
@@ -160,10 +199,15 @@ def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
         std = "" if math.isnan(r.std) else f" ± {r.std:.3f}"
         ci = "" if math.isnan(r.ci95_low) else f"[{r.ci95_low:.3f}, {r.ci95_high:.3f}]"
         lines.append(
-            f"| {r.task} | {r.protocol} | {r.label_fraction:g} | {r.method} | {r.metric} | "
+            f"| {_named(r.task, r.task_version)} | {r.protocol} | {r.label_fraction:g} | "
+            f"{_named(r.method, r.method_version)} | {r.metric} | "
             f"{r.mean:.3f}{std} | {ci} | {r.n_seeds} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _named(name: str, version: object) -> str:
+    return name if int(version) == 1 else f"{name} v{int(version)}"
 
 
 def write_leaderboard(results_dir: Path) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from . import __version__, checkpoint, proxy, results, tracking
 from .config import ConfigError, compose, instantiate, to_container, unmet_requirements
 from .method import Method
 from .task import EvalContext, Task
+from .versions import method_version
 
 log = logging.getLogger("medvlp_bench")
 
@@ -93,7 +94,9 @@ def make_trainer(
 
 # ---- pre-training --------------------------------------------------------------------------------
 def pretrain_key(cfg: DictConfig) -> str:
-    """Cache key of a pre-training run: method model + schedule, data, seed, precision (not workers/paths)."""
+    """Cache key of a pre-training run: method model + schedule + version, data, seed, precision (not
+    workers/paths). A bumped ``Method.version`` gives a new key, so edited code never reuses an old checkpoint;
+    version 1 adds nothing, so checkpoints cached before versions existed stay valid."""
     skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir", "root")
     data = {k: v for k, v in to_container(cfg.data).items() if k not in skip}
     blob = {
@@ -102,6 +105,8 @@ def pretrain_key(cfg: DictConfig) -> str:
         "seed": int(cfg.seed),
         "precision": str(cfg.trainer.get("precision", "32-true")),
     }
+    if (version := method_version(cfg.method.model._target_)) != 1:
+        blob["method_version"] = version
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -400,6 +405,7 @@ def make_rows(
         impl_source=method.impl_source,
         task=cfg.names.task,
         task_version=task.version,
+        method_version=type(method).version,
         kind=task.kind,
         spatial_dims=int(task.data.spatial_dims),
         protocol=task.protocol,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .data import MedDataModule
 from .method import Method
+from .versions import as_version
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Task(abc.ABC):
         metrics: list[str],
         primary: str,
         higher_is_better: bool = True,
-        version: str = "1",
+        version: int | str = 1,
         protocol: str = "linear",
         label_fraction: float = 1.0,
         pretrain_data: str | None = None,
@@ -86,7 +87,10 @@ class Task(abc.ABC):
         if primary not in metrics:
             raise ValueError(f"primary metric {primary!r} is not among the declared metrics {metrics}")
         self.data, self.metrics, self.primary = data, list(metrics), primary
-        self.higher_is_better, self.version, self.protocol = higher_is_better, str(version), protocol
+        self.higher_is_better, self.protocol = higher_is_better, protocol
+        #: ``version:`` of the task config (an int; "1" in older configs), bumped when the protocol or data
+        #: change; it is part of a result cell's identity (``medvlp_bench.versions``)
+        self.version: int = as_version(version, "task")
         self.label_fraction, self.pretrain_data = float(label_fraction), pretrain_data
 
     def higher_is_better_for(self, metric: str) -> bool:

@@ -1,12 +1,20 @@
-"""The suite grid: which overrides each cell gets (no cell is run here)."""
+"""The suite grid: which overrides each cell gets, and which cells re-run (no real cell is run here)."""
 
 from __future__ import annotations
 
-import pytest
-from omegaconf import OmegaConf
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
+import pytest
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from medvlp_bench import bench as bench_mod
+from medvlp_bench import results
 from medvlp_bench.bench import cells
 from medvlp_bench.config import compose
+from medvlp_bench.methods.scratch import Scratch
+from medvlp_bench.results import ResultRow, write_cell
 
 
 def _suite(**extra: object) -> object:
@@ -36,3 +44,40 @@ def test_method_overrides_for_a_method_not_in_the_suite_is_an_error() -> None:
     cfg = _suite(method_overrides={"umcl": ["method.model.lr=1e-3"]})
     with pytest.raises(ValueError, match=r"umcl.*not in suite.methods"):
         cells(cfg, [])
+
+
+def test_a_cell_stored_at_other_versions_is_rerun_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bumped method makes its stored cells stale: bench re-runs them (not 'already done') and says so."""
+    cfg = _suite(methods=["scratch_swin"], seeds=[0, 1], method_overrides={})
+    with open_dict(cfg):
+        cfg.paths.results_dir = str(tmp_path)
+    runs = tmp_path / "runs"
+    names = [name for name, _, _ in bench_mod.plan(cfg, [])]
+    row = ResultRow(
+        method="scratch_swin", impl_source="baseline", task="msd_hippocampus_seg", task_version=1,
+        kind="segmentation", spatial_dims=3, protocol="finetune", label_fraction=0.1, seed=0, metric="dice",
+        value=0.5, higher_is_better=True, primary=True, ckpt_sha256=None, code_version="x", mlflow_run_id=None,
+        date="2026-01-01T00:00:00", wall_time_s=1.0, device="cpu", n_test=4,
+    )  # fmt: skip
+    old = {k: v for k, v in asdict(row).items() if k != "method_version"} | {"task_version": "1"}
+    (runs).mkdir()
+    (runs / f"{names[0]}.json").write_text(json.dumps({"rows": [old]}))  # written before versions existed
+    write_cell(runs, names[1], [replace(row, seed=1, method_version=2)])  # already at the bumped version
+    monkeypatch.setattr(Scratch, "version", 2)  # the code now: Scratch bumped to 2
+    ran: list[str] = []
+
+    def fake_evaluate(run_cfg: DictConfig) -> list[ResultRow]:
+        name = next(n for n in names if n.endswith(f"__s{run_cfg.seed}"))
+        ran.append(name)
+        rows = [replace(row, seed=int(run_cfg.seed), method_version=2, value=0.7)]
+        write_cell(runs, name, rows)
+        return rows
+
+    monkeypatch.setattr(bench_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(bench_mod, "with_corpus", lambda run_cfg, ov: run_cfg)
+    report = bench_mod.bench(cfg, [])
+    assert ran == [names[0]] and report.stale == [names[0]] and report.skipped == [names[1]]
+    assert sorted(p.name for p in runs.glob("*.json")) == sorted(f"{n}.json" for n in names)  # replaced in place
+    assert results.stored_versions(runs, names[0]) == {(2, 1)}
+    assert list(report.leaderboard["method_version"]) == [2] and list(report.leaderboard["n_seeds"]) == [2]
+    assert bench_mod.bench(cfg, []).skipped == names  # now current: nothing re-runs

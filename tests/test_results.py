@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,7 @@ from medvlp_bench.results import (
     cell_name,
     confidence_interval,
     load_rows,
+    stored_versions,
     write_cell,
     write_leaderboard,
 )
@@ -25,7 +26,7 @@ BASE = ResultRow(
     method="clip",
     impl_source="baseline",
     task="t",
-    task_version="1",
+    task_version=1,
     kind="classification",
     spatial_dims=2,
     protocol="linear",
@@ -50,7 +51,7 @@ def _write(runs: Path, **kw: object) -> None:
     write_cell(
         runs,
         cell_name(row.method, row.task, row.protocol, row.label_fraction, row.seed)
-        + str(row.task_version)
+        + f"t{row.task_version}m{row.method_version}"
         + row.metric,
         [row],
     )
@@ -83,14 +84,39 @@ def test_lower_is_better_sorts_ascending(tmp_path: Path) -> None:
 
 def test_task_versions_are_not_mixed_and_reruns_keep_newest(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    _write(runs, task_version="1", value=0.5)
-    _write(runs, task_version="2", value=0.9)
+    _write(runs, task_version=1, value=0.5)
+    _write(runs, task_version=2, value=0.9)
     lb = build_leaderboard(load_rows(runs))
-    assert sorted(lb["task_version"]) == ["1", "2"] and set(lb["n_seeds"]) == {1}
+    assert sorted(lb["task_version"]) == [1, 2] and set(lb["n_seeds"]) == {1}
     rows = pd.concat([load_rows(runs), pd.DataFrame([{**BASE.__dict__, "value": 0.7, "date": "2027-01-01"}])])
     lb2 = build_leaderboard(rows)
-    v1 = lb2[lb2.task_version == "1"].iloc[0]
+    v1 = lb2[lb2.task_version == 1].iloc[0]
     assert v1["mean"] == 0.7 and v1["n_seeds"] == 1 and math.isnan(v1["std"]) and math.isnan(v1["ci95_low"])
+
+
+def test_method_versions_are_separate_lines_never_pooled(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for s, v in enumerate([0.60, 0.62]):
+        _write(runs, seed=s, value=v)  # version 1 (method_version defaults to 1)
+    _write(runs, seed=0, value=0.90, method_version=2, date="2027-01-01")  # the same cell after a bump
+    lb = write_leaderboard(tmp_path)
+    assert len(lb) == 2
+    v1, v2 = (lb[lb.method_version == v].iloc[0] for v in (1, 2))
+    assert math.isclose(v1["mean"], 0.61) and v1["n_seeds"] == 2 and v1["seeds"] == "0 1"
+    assert v2["mean"] == 0.90 and v2["n_seeds"] == 1
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "| t | linear | 0.01 | clip v2 | auroc | 0.900 |" in md and "| clip | auroc | 0.610 ± 0.014 |" in md
+
+
+def test_rows_written_before_versions_read_as_version_1(tmp_path: Path) -> None:
+    old = {k: v for k, v in asdict(BASE).items() if k != "method_version"} | {"task_version": "1"}
+    (tmp_path / "old.json").write_text(json.dumps({"rows": [old]}))
+    write_cell(tmp_path, "new", [replace(BASE, seed=1, method_version=1, task_version=1)])
+    rows = load_rows(tmp_path)
+    assert list(rows["method_version"]) == [1, 1] and list(rows["task_version"]) == [1, 1]
+    assert len(build_leaderboard(rows)) == 1  # an old row and a new one of the same versions pool
+    assert stored_versions(tmp_path, "old") == {(1, 1)}
+    assert stored_versions(tmp_path, "missing") is None
 
 
 def test_write_cell_is_atomic_and_readable(tmp_path: Path) -> None:
