@@ -36,6 +36,8 @@ OBSERVATIONS = [
     "Support Devices",
 ]
 log = logging.getLogger(__name__)
+#: labeller vocabulary for chest X-ray reports over these observations (medvlp_bench.report_labeler)
+REPORT_VOCABULARY = "chexpert"
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 INFO = DatasetInfo(
     key="chexpert",

@@ -34,6 +34,8 @@ INFO = DatasetInfo(
     url="https://physionet.org/content/mimic-cxr-jpg/",
     reports=True,
 )
+#: labeller vocabulary of the reports: the 14 CheXpert observations (medvlp_bench.report_labeler)
+REPORT_VOCABULARY = "chexpert"
 SPLITS = {"train": "train", "validate": "val", "test": "test"}
 _HEADING = re.compile(r"^\s*([A-Z][A-Z /&()-]+):", re.MULTILINE)
 

@@ -28,8 +28,10 @@ from ._phantom_common import (
     smooth_field,
 )
 
-__all__ = ["FINDINGS", "SEG_CLASSES", "SYNONYMS", "PhantomSample", "generate"]
+__all__ = ["REPORT_VOCABULARY", "FINDINGS", "SEG_CLASSES", "SYNONYMS", "PhantomSample", "generate"]
 
+#: labeller vocabulary of these reports (medvlp_bench.report_labeler): what report-label methods read
+REPORT_VOCABULARY = "phantom_ct"
 FINDINGS: tuple[str, ...] = ("liver_lesion", "kidney_lesion", "splenomegaly", "ascites")
 SEG_CLASSES: tuple[str, ...] = ("background", "liver", "spleen", "kidney", "lesion")
 SYNONYMS: dict[str, tuple[str, ...]] = {

@@ -26,8 +26,10 @@ from ._phantom_common import (
     smooth_field,
 )
 
-__all__ = ["FINDINGS", "SEG_CLASSES", "SYNONYMS", "PhantomSample", "anatomy_masks", "generate"]
+__all__ = ["REPORT_VOCABULARY", "FINDINGS", "SEG_CLASSES", "SYNONYMS", "PhantomSample", "anatomy_masks", "generate"]
 
+#: labeller vocabulary of these reports (medvlp_bench.report_labeler): what report-label methods read
+REPORT_VOCABULARY = "phantom_cxr"
 FINDINGS: tuple[str, ...] = ("consolidation", "effusion", "cardiomegaly", "nodule", "pneumothorax")
 SEG_CLASSES: tuple[str, ...] = ("background", "consolidation", "effusion", "nodule", "pneumothorax")
 SYNONYMS: dict[str, tuple[str, ...]] = {

@@ -27,8 +27,10 @@ from ._phantom_common import (
     voxel,
 )
 
-__all__ = ["CLASSES", "MODALITIES", "SEG_CLASSES", "SYNONYMS", "PhantomSample", "generate"]
+__all__ = ["REPORT_VOCABULARY", "CLASSES", "MODALITIES", "SEG_CLASSES", "SYNONYMS", "PhantomSample", "generate"]
 
+#: labeller vocabulary of these reports (medvlp_bench.report_labeler): what report-label methods read
+REPORT_VOCABULARY = "phantom_mri"
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 CLASSES: tuple[str, ...] = ("healthy", "low_grade_glioma", "high_grade_glioma")
 SEG_CLASSES: tuple[str, ...] = ("background", "necrotic_core", "edema", "enhancing")

@@ -22,6 +22,10 @@ Normal phrases ("heart size is normal", "the lungs are clear") give 0 and uncert
 the upper limits of normal") give -1 without a mention. Mentions aggregate as CheXpert does: any positive
 -> 1, else any uncertain -> -1, else any negative -> 0, else nan. ``no_finding`` (when in the vocabulary) is
 1 when no other observation except support devices is positive or uncertain, else 0.
+
+Vocabularies: one per phantom report grammar (``phantom_cxr``, ``phantom_ct``, ``phantom_mri``), ``chexpert`` for
+real chest X-ray reports, or a user's list of finding names. A corpus declares its vocabulary as
+``REPORT_VOCABULARY`` in its dataset module; :func:`corpus_vocabulary` reads it.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ _PSEUDO_NEG = re.compile(
     r"(?:change|increase|decrease|worsening|progression|improvement|difficulty)\b|\bnot only\b|\bnot changed\b"
     r"|\bgram negative\b"
 )
+_HYPHEN = re.compile(r"(?<=[a-z])-(?=[a-z])")  # "non-enhancing" reads as "non enhancing"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|(?<=[a-z]\.)(?=[a-z])|\n+")
 _CLAUSE = re.compile(
     r"[;:]|\b(?:but|however|although|though|except|whereas|aside from|apart from|which|yet|otherwise)\b"
@@ -78,6 +83,11 @@ class Observation:
     mentions: str
     normal: str | None = None
     uncertain: str | None = None
+    prompt: str | None = None  # text a prompt learner uses for the class; None: the name with spaces
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt or self.name.replace("_", " ")
 
 
 def _normal(anchor: str, words: str = r"normal|unremarkable|within normal limits") -> str:
@@ -95,14 +105,39 @@ PHANTOM_CXR: tuple[Observation, ...] = (
         r"consolidations?|airspace opacit(?:y|ies)|airspace disease|focal opacit(?:y|ies)",
         _LUNGS_CLEAR,
     ),
-    Observation("effusion", r"pleural effusions?|pleural fluid|effusions?", _LUNGS_CLEAR),
+    Observation("effusion", r"pleural effusions?|pleural fluid|effusions?", _LUNGS_CLEAR, prompt="pleural effusion"),
     Observation(
         "cardiomegaly",
         r"cardiomegaly|heart is (?:\w+ )?enlarged|enlarged cardiac silhouette|cardiac silhouette is (?:\w+ )?enlarged",
         _HEART_NORMAL,
     ),
-    Observation("nodule", r"(?:pulmonary )?nodules?|nodular opacit(?:y|ies)", _LUNGS_CLEAR),
+    Observation("nodule", r"(?:pulmonary )?nodules?|nodular opacit(?:y|ies)", _LUNGS_CLEAR, prompt="pulmonary nodule"),
     Observation("pneumothorax", r"pneumothora(?:x|ces)", _LUNGS_CLEAR),
+)
+
+#: the phantom abdominal CT report grammar (datasets/phantom_ct.py: FINDINGS, SYNONYMS, NEGATIONS, _report)
+PHANTOM_CT: tuple[Observation, ...] = (
+    Observation("liver_lesion", r"(?:hepatic|liver) (?:lesions?|hypodensit(?:y|ies)|cysts?|mass(?:es)?)"),
+    Observation("kidney_lesion", r"(?:renal|kidney) (?:lesions?|cysts?|mass(?:es)?)"),
+    Observation("splenomegaly", r"splenomegaly|spleen is (?:\w+ )?enlarged|enlarged spleen", _normal("spleen")),
+    Observation("ascites", r"ascites|free fluid|peritoneal fluid"),
+)
+
+#: the phantom brain MRI report grammar (datasets/phantom_mri.py: SYNONYMS, _report). Its corpus labels are one
+#: class per case (healthy / LGG / HGG); the reports name the findings below, "non-enhancing" is a negative.
+PHANTOM_MRI: tuple[Observation, ...] = (
+    Observation(
+        "mass",
+        r"mass(?:es)?|tumou?rs?|gliomas?|neoplasms?|lesions?",
+        prompt="intracranial mass",
+    ),
+    Observation(
+        "enhancement", r"(?<!non )(?:enhancement|enhancing)", r"\bnon enhancing\b", prompt="contrast enhancement"
+    ),
+    Observation("necrosis", r"necros[ie]s|necrotic"),
+    Observation("edema", r"o?edema|(?:t2/)?flair hyperintens(?:e|ity)|(?:abnormal )?t2/flair signal"),
+    Observation("low_grade_glioma", r"low grade (?:gliomas?|glial neoplasms?)", prompt="low-grade glioma"),
+    Observation("high_grade_glioma", r"high grade (?:gliomas?|glial neoplasms?)", prompt="high-grade glioma"),
 )
 
 #: the 14 CheXpert observations with common chest X-ray phrasings (after the CheXpert labeller's lists)
@@ -166,7 +201,73 @@ CHEXPERT: tuple[Observation, ...] = (
     ),
 )
 
-VOCABULARIES: dict[str, tuple[Observation, ...]] = {"phantom_cxr": PHANTOM_CXR, "chexpert": CHEXPERT}
+VOCABULARIES: dict[str, tuple[Observation, ...]] = {
+    "phantom_cxr": PHANTOM_CXR,
+    "phantom_ct": PHANTOM_CT,
+    "phantom_mri": PHANTOM_MRI,
+    "chexpert": CHEXPERT,
+}
+#: classes computed from the others, never mentioned (no prompt of their own)
+DERIVED = ("no_finding",)
+
+
+def findings_vocabulary(names: Sequence[str]) -> tuple[Observation, ...]:
+    """A user's own findings list as a vocabulary: each name (``_`` and ``-`` read as spaces, any case, an
+    optional plural ``s``) is its own mention, with the rules' negation and uncertainty handling."""
+    names = [str(n) for n in names]
+    if not names or any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"a findings vocabulary needs distinct, non-empty names, got {names}")
+    out = []
+    for n in names:
+        words = re.split(r"[\s_-]+", n.strip().lower())
+        out.append(Observation(n, r"\s+".join(map(re.escape, words)) + "s?", prompt=" ".join(words)))
+    return tuple(out)
+
+
+def resolve_vocabulary(vocabulary: str | Sequence[str] | Sequence[Observation]) -> tuple[Observation, ...]:
+    """Observations of a preset name (see ``VOCABULARIES``), a list of finding names or of observations."""
+    if isinstance(vocabulary, str):
+        if vocabulary not in VOCABULARIES:
+            raise KeyError(
+                f"unknown labeller vocabulary {vocabulary!r}; choose one of {sorted(VOCABULARIES)} "
+                "or give a list of finding names"
+            )
+        return VOCABULARIES[vocabulary]
+    items = list(vocabulary)
+    if items and all(isinstance(o, Observation) for o in items):
+        return tuple(items)
+    return findings_vocabulary(items)
+
+
+def corpus_vocabulary(corpus: str | None, findings: Sequence[str] | None = None) -> str | list[str]:
+    """The report vocabulary a pre-training corpus declares (``REPORT_VOCABULARY`` in its
+    ``medvlp_bench.datasets.<corpus>`` module): a preset name, or, where the module declares None (a user's
+    own corpus such as ``image_text_csv``), the corpus's ``findings`` (its label column names).
+
+    Raises ``ConfigError`` naming the corpus when it declares nothing usable, so a method whose labels come
+    from reports stops at build time instead of training on all-zero labels.
+    """
+    import importlib
+
+    from medvlp_bench.config import ConfigError
+
+    fix = f"set method.model.vocabulary to one of {sorted(VOCABULARIES)} or a list of finding names"
+    if not corpus:
+        raise ConfigError(f"vocabulary=auto needs the pre-training corpus, and none is known; {fix}")
+    declared: object = "undeclared"
+    if re.fullmatch(r"[a-z][a-z0-9_]*", str(corpus)):
+        try:
+            module = importlib.import_module(f"medvlp_bench.datasets.{corpus}")
+        except ModuleNotFoundError:
+            module = None
+        declared = getattr(module, "REPORT_VOCABULARY", "undeclared")
+    if declared is None:
+        if findings:
+            return [str(f) for f in findings]
+        raise ConfigError(f"corpus {corpus!r} has no findings list (its label_cols are empty); {fix}")
+    if declared == "undeclared" or declared not in VOCABULARIES:
+        raise ConfigError(f"corpus {corpus!r} declares no report vocabulary (REPORT_VOCABULARY); {fix}")
+    return str(declared)
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -177,21 +278,18 @@ class ReportLabeler:
     """Label reports against a vocabulary (a preset name or observations), optionally with extra synonyms.
 
     Args:
-        vocabulary: ``phantom_cxr``, ``chexpert`` or a sequence of :class:`Observation`.
+        vocabulary: a preset (``phantom_cxr``, ``phantom_ct``, ``phantom_mri``, ``chexpert``), a list of finding
+            names (:func:`findings_vocabulary`) or a sequence of :class:`Observation`.
         extra_synonyms: class -> literal phrases added to its mentions (e.g. from a method's yaml); a plural
             ``s`` is accepted after each.
     """
 
     def __init__(
         self,
-        vocabulary: str | Sequence[Observation] = "chexpert",
+        vocabulary: str | Sequence[str] | Sequence[Observation] = "chexpert",
         extra_synonyms: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
-        if isinstance(vocabulary, str):
-            if vocabulary not in VOCABULARIES:
-                raise KeyError(f"unknown labeller vocabulary {vocabulary!r}; choose one of {sorted(VOCABULARIES)}")
-            vocabulary = VOCABULARIES[vocabulary]
-        self.observations = list(vocabulary)
+        self.observations = list(resolve_vocabulary(vocabulary))
         self.classes = [o.name for o in self.observations]
         extra = {k: [str(s) for s in v] for k, v in (extra_synonyms or {}).items()}
         unknown = sorted(set(extra) - set(self.classes))
@@ -199,7 +297,7 @@ class ReportLabeler:
             raise KeyError(f"extra synonyms for unknown classes {unknown}; the vocabulary has {self.classes}")
         self._mention = []
         for o in self.observations:
-            lit = [re.escape(s.lower()) + "s?" for s in extra.get(o.name, [])]
+            lit = [re.escape(_HYPHEN.sub(" ", s.lower())) + "s?" for s in extra.get(o.name, [])]
             self._mention.append(_compile("|".join([o.mentions, *lit])))
         self._normal = [re.compile(o.normal) if o.normal else None for o in self.observations]
         self._uncertain = [re.compile(o.uncertain) if o.uncertain else None for o in self.observations]
@@ -231,7 +329,7 @@ class ReportLabeler:
 
 def clauses(text: str) -> list[str]:
     """Lower-cased clauses of a report (sentences split at . ! ? and newlines, then at clause breaks)."""
-    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", str(text).lower())
+    text = _HYPHEN.sub(" ", str(text).lower())
     out = []
     for sentence in _SENTENCE.split(text):
         out.extend(c.strip() for c in _CLAUSE.split(sentence) if c and c.strip())

@@ -4,6 +4,8 @@ One stream, three kinds of pairs: each training sample is assigned, by a hash of
 (text = report, no labels), *image-label* (report withheld, text = its labels through learned prompts) or
 *report-label* (text = report, labels known). Labels come from the rule labeller run on the report
 (``medvlp_bench.report_labeler``), never from the dataset's ground truth, unless ``label_source: provided``.
+The labeller's vocabulary and the class names come from the pre-training corpus (``vocabulary: auto``: the
+corpus module's ``REPORT_VOCABULARY``), and ``corpus_stats`` stops a run whose reports yield no label at all.
 Class prompts are CoOp-style: K learned context vectors after [CLS], then the class-name tokens. The loss is
 MedCLIP's semantic matching where both sides carry labels (soft targets from label similarity, soft
 cross-entropy both ways) and InfoNCE rows where they do not; negatives are gathered across ranks.
@@ -13,6 +15,7 @@ Equations and every deviation: docs/methods/umcl.md.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -23,14 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp_bench import distributed
+from medvlp_bench.config import ConfigError
 from medvlp_bench.encoders import ImageEncoder
 from medvlp_bench.method import Method, ProjectionHead
-from medvlp_bench.report_labeler import ReportLabeler, to_binary
+from medvlp_bench.report_labeler import DERIVED, ReportLabeler, corpus_vocabulary, to_binary
 from medvlp_bench.text import TextEncoder
 from medvlp_bench.types import Batch
 
+log = logging.getLogger(__name__)
+
 KINDS = ("image_report", "image_label", "report_label")
 TARGETS = ("cosine", "exact", "medclip")
+#: below this fraction of training reports with a positive label, ``corpus_stats`` warns
+MIN_LABELLED_FRACTION = 0.05
+#: ``corpus_stats`` labels at most this many training reports (evenly spaced), so a 370k-report corpus costs
+#: seconds, not minutes, on every rank
+STATS_MAX_REPORTS = 20_000
 
 
 def label_similarity(a: Tensor, b: Tensor, mode: str = "cosine") -> Tensor:
@@ -109,15 +120,30 @@ class PromptLearner(nn.Module):
 
 
 class UMCL(Method):
+    """Image-text-label contrast (see the module docstring).
+
+    Args (the label side; the rest is in ``configs/method/umcl.yaml``):
+        vocabulary: ``auto`` (the labeller vocabulary ``corpus`` declares), a preset name
+            (``report_labeler.VOCABULARIES``) or a list of finding names.
+        class_names: ``auto`` (every class of the vocabulary, with its prompt text), a list of its classes, or
+            class -> [prompt text, extra labeller synonyms...].
+        corpus: name of the pre-training corpus (``data.name``), read only by ``vocabulary: auto``.
+        corpus_findings: the corpus's label column names (``image_text_csv``), the vocabulary ``auto`` uses for
+            a corpus that declares none.
+    """
+
     impl_source: ClassVar[str] = "reimplementation"
+    version: ClassVar[int] = 2  # 2: vocabulary and class names from the corpus; corpus_stats check
 
     def __init__(
         self,
         image_encoder: ImageEncoder,
         text_encoder: TextEncoder,
         *,
-        class_names: Mapping[str, Sequence[str] | str] | Sequence[str],
-        vocabulary: str = "phantom_cxr",
+        class_names: Mapping[str, Sequence[str] | str] | Sequence[str] | str = "auto",
+        vocabulary: str | Sequence[str] = "auto",
+        corpus: str | None = None,
+        corpus_findings: Sequence[str] | None = None,
         label_source: str = "labeller",
         uncertain: str = "ones",
         mix: Mapping[str, float] | None = None,
@@ -130,19 +156,15 @@ class UMCL(Method):
         **kw: Any,
     ) -> None:
         super().__init__(image_encoder, text_encoder, **kw)
-        names = class_names if isinstance(class_names, Mapping) else {str(c): [str(c)] for c in class_names}
-        syn = {str(k): [v] if isinstance(v, str) else [str(s) for s in v] for k, v in names.items()}
-        if not syn or any(not v for v in syn.values()):
-            raise ValueError("umcl: class_names must map each class to [prompt text, extra synonyms...]")
+        if isinstance(vocabulary, str) and vocabulary == "auto":
+            vocabulary = corpus_vocabulary(corpus, corpus_findings)
+        self.corpus, self.vocabulary = corpus, vocabulary if isinstance(vocabulary, str) else list(vocabulary)
+        syn = self._class_synonyms(class_names, ReportLabeler(vocabulary), vocabulary)
         self.class_names, self.prompt_text = list(syn), [v[0] for v in syn.values()]
         self._check_choice("label_source", label_source, ("labeller", "provided"))
         self._check_choice("label_text", label_text, ("composed", "sentence"))
         self._check_choice("soft_targets", soft_targets, TARGETS)
         self._check_choice("zeroshot_prompts", zeroshot_prompts, ("learned", "hand", "ensemble"))
-        known = ReportLabeler(vocabulary).classes
-        missing = [c for c in self.class_names if c not in known]
-        if missing:
-            raise KeyError(f"umcl: class_names {missing} are not in labeller vocabulary {vocabulary!r} ({known})")
         self.labeler = ReportLabeler(vocabulary, syn)
         self._columns = [self.labeler.classes.index(c) for c in self.class_names]
         fractions = {k: float(v) for k, v in (mix or dict.fromkeys(KINDS, 1.0)).items()}
@@ -159,6 +181,30 @@ class UMCL(Method):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
         self._label_cache: dict[str, np.ndarray] = {}
         self._kind_cache: dict[str, int] = {}
+
+    @staticmethod
+    def _class_synonyms(
+        class_names: Mapping[str, Sequence[str] | str] | Sequence[str] | str, base: ReportLabeler, vocabulary: Any
+    ) -> dict[str, list[str]]:
+        """class -> [prompt text, extra synonyms...]: ``auto`` takes every mentionable class of the vocabulary."""
+        if isinstance(class_names, str):
+            if class_names != "auto":
+                raise ValueError(f"umcl: class_names must be 'auto', a list or a mapping, got {class_names!r}")
+            return {o.name: [o.prompt_text] for o in base.observations if o.name not in DERIVED}
+        if isinstance(class_names, Mapping):
+            names = class_names
+        else:
+            prompts = {o.name: o.prompt_text for o in base.observations}
+            names = {str(c): [prompts.get(str(c), str(c))] for c in class_names}
+        syn = {str(k): [v] if isinstance(v, str) else [str(s) for s in v] for k, v in names.items()}
+        if not syn or any(not v for v in syn.values()):
+            raise ValueError("umcl: class_names must map each class to [prompt text, extra synonyms...]")
+        missing = [c for c in syn if c not in base.classes]
+        if missing:
+            raise KeyError(
+                f"umcl: class_names {missing} are not in labeller vocabulary {vocabulary!r} ({base.classes})"
+            )
+        return syn
 
     @staticmethod
     def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
@@ -258,14 +304,72 @@ class UMCL(Method):
             return torch.from_numpy(to_binary(raw, self.uncertain)).to(self.device)
         if "report" not in batch:
             raise KeyError("umcl: label_source=labeller needs the batch's 'report' strings")
-        rows = []
-        for text in batch["report"]:
-            if text not in self._label_cache:
-                if len(self._label_cache) > 500_000:
-                    self._label_cache.clear()
-                self._label_cache[text] = to_binary(self.labeler(text)[self._columns], self.uncertain)
-            rows.append(self._label_cache[text])
-        return torch.from_numpy(np.stack(rows)).to(self.device)
+        return torch.from_numpy(np.stack([self.report_labels(t) for t in batch["report"]])).to(self.device)
+
+    def report_labels(self, text: str) -> np.ndarray:
+        """[C] training labels of one report (the labeller through ``to_binary``), cached by text."""
+        if text not in self._label_cache:
+            if len(self._label_cache) > 500_000:
+                self._label_cache.clear()
+            self._label_cache[text] = to_binary(self.labeler(text)[self._columns], self.uncertain)
+        return self._label_cache[text]
+
+    def corpus_stats(self, datamodule: Any) -> dict[str, Any]:
+        """Label the corpus's training reports before pre-training; per class, the fraction labelled positive.
+
+        Why: a vocabulary that does not fit the reports labels nothing, every image-label text is then the
+        same embedding, and the label term is minimised by making those samples indistinguishable. No positive
+        label in any report raises ``ConfigError`` naming the corpus and vocabulary; fewer than
+        ``MIN_LABELLED_FRACTION`` labelled reports log a warning. Returns ``labelled_fraction`` (reports with at
+        least one positive class, uncertain counted by the ``uncertain`` policy) and ``label_frac.<class>``.
+        """
+        name = getattr(datamodule, "name", None) or self.corpus or "the corpus"
+        where = f"corpus {name!r}, vocabulary {self.vocabulary!r}"
+        manifest = getattr(datamodule, "manifest", None)
+        if manifest is None or "split" not in manifest:
+            raise ConfigError(f"umcl: {where}: the datamodule has no manifest of training samples to label")
+        train = manifest[manifest["split"] == "train"]
+        if self.label_source == "provided":
+            raw = np.stack([np.atleast_1d(np.asarray(v, np.float32)) for v in train["label"]]) if len(train) else None
+            if raw is None or raw.shape[1] != len(self.class_names):
+                width = None if raw is None else raw.shape[1]
+                raise ConfigError(
+                    f"umcl: label_source=provided on {where}: {width} label columns, class_names has "
+                    f"{len(self.class_names)} ({self.class_names})"
+                )
+            labels = to_binary(raw, self.uncertain)
+        else:
+            if "report" not in train:
+                raise ConfigError(f"umcl: {where}: the corpus has no reports for the labeller to read")
+            reports = train["report"].astype(str).tolist()
+            if len(reports) > STATS_MAX_REPORTS:
+                keep = np.linspace(0, len(reports) - 1, STATS_MAX_REPORTS).round().astype(int)
+                reports = [reports[i] for i in keep]
+            labels = np.stack([self.report_labels(t) for t in reports]) if reports else np.zeros((0, 1))
+        positive = labels > 0
+        labelled = float(positive.any(1).mean()) if len(labels) else 0.0
+        stats: dict[str, Any] = {
+            "corpus": name,
+            "vocabulary": self.vocabulary,
+            "label_source": self.label_source,
+            "n_train": len(train),
+            "n_labelled_checked": len(labels),
+            "labelled_fraction": labelled,
+            **{f"label_frac.{c}": float(positive[:, j].mean()) for j, c in enumerate(self.class_names) if len(labels)},
+        }
+        if labelled == 0:
+            raise ConfigError(
+                f"umcl: no training report of {where} has a positive label for {self.class_names}, so the label "
+                "term would collapse; set method.model.vocabulary (and class_names) to match the reports"
+            )
+        if labelled < MIN_LABELLED_FRACTION:
+            log.warning(
+                "umcl: only %.1f%% of the training reports of %s have a positive label (%s)",
+                100 * labelled,
+                where,
+                ", ".join(f"{c} {stats[f'label_frac.{c}']:.3f}" for c in self.class_names),
+            )
+        return stats
 
     def pretrain_step(self, batch: Batch) -> dict[str, Tensor]:
         img = self.embed_image(batch["image"])

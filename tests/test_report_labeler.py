@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import numpy as np
 import pytest
 from helpers import repo_root, shared_data
 
-from medvlp_bench.datasets import phantom_cxr
-from medvlp_bench.report_labeler import ReportLabeler, clauses, to_binary
+from medvlp_bench.config import ConfigError
+from medvlp_bench.datasets import phantom_ct, phantom_cxr, phantom_mri
+from medvlp_bench.report_labeler import VOCABULARIES, ReportLabeler, clauses, corpus_vocabulary, to_binary
 
 NAN = math.nan
 CHEX = ReportLabeler("chexpert")
@@ -88,6 +90,72 @@ def test_phantom_vocabulary_covers_generator_phrases() -> None:
             assert PHANTOM(sentence)[c] == 0, sentence
 
 
+def test_phantom_ct_vocabulary_covers_generator_phrases() -> None:
+    lab = ReportLabeler("phantom_ct")
+    assert lab.classes == list(phantom_ct.FINDINGS)
+    for c, name in enumerate(lab.classes):
+        for phrase in phantom_ct.SYNONYMS[name]:
+            assert lab(f"There is {phrase}.")[c] == 1, phrase
+        for sentence in phantom_ct.NEGATIONS[name]:
+            assert lab(sentence)[c] == 0, sentence
+
+
+def test_phantom_ct_reports_reproduce_ground_truth() -> None:
+    """Generated CT reports: every positive the report states is found, and nothing else (was: no vocabulary)."""
+    lab = ReportLabeler("phantom_ct")
+    samples = [phantom_ct.generate(i, seed=3, size=32) for i in range(120)]
+    got = np.stack([to_binary(lab(s.report)) for s in samples])
+    truth = np.stack([s.labels for s in samples])
+    assert truth.sum(0).min() >= 10  # every finding occurs, so the comparison covers positives
+    assert np.array_equal(got, truth)
+
+
+def test_phantom_mri_reports_agree_with_ground_truth() -> None:
+    """Generated MRI reports (labels: healthy / LGG / HGG): findings the grammar always states agree exactly;
+    oedema is stated for every high-grade case and for some low-grade ones, and never for a healthy one."""
+    lab = ReportLabeler("phantom_mri")
+    samples = [phantom_mri.generate(i, seed=3, size=32) for i in range(120)]
+    got = {n: np.array([to_binary(lab(s.report))[j] for s in samples]) for j, n in enumerate(lab.classes)}
+    cls = np.array([int(s.labels) for s in samples])
+    assert np.bincount(cls, minlength=3).min() >= 20
+    truth = {
+        "mass": cls > 0,
+        "enhancement": cls == 2,
+        "necrosis": cls == 2,
+        "low_grade_glioma": cls == 1,
+        "high_grade_glioma": cls == 2,
+    }
+    for name, want in truth.items():
+        assert np.array_equal(got[name], want.astype(np.float32)), name
+    edema = got["edema"] > 0
+    assert edema[cls == 2].all() and not edema[cls == 0].any() and 0.2 < edema[cls == 1].mean() < 1
+    assert lab("FINDINGS: A non-enhancing mass.")[lab.classes.index("enhancement")] == 0
+
+
+def test_user_findings_list_is_a_vocabulary() -> None:
+    lab = ReportLabeler(["Pleural Effusion", "lung_nodule"])
+    assert lab.classes == ["Pleural Effusion", "lung_nodule"]
+    assert lab("Small left pleural effusion. No lung nodules.").tolist() == [1, 0]
+    assert lab("Possible lung-nodule.")[1] == -1 and np.isnan(lab("Normal study.")).all()
+    with pytest.raises(ValueError, match="distinct"):
+        ReportLabeler(["nodule", "nodule"])
+
+
+def test_corpus_vocabulary_comes_from_the_dataset_declarations() -> None:
+    for module in (phantom_cxr, phantom_ct, phantom_mri):
+        name = module.__name__.rsplit(".", 1)[1]
+        assert module.REPORT_VOCABULARY in VOCABULARIES and corpus_vocabulary(name) == module.REPORT_VOCABULARY
+    assert corpus_vocabulary("mimic_cxr") == "chexpert"
+    assert corpus_vocabulary("image_text_csv", ["effusion", "nodule"]) == ["effusion", "nodule"]
+    with pytest.raises(ConfigError, match="'image_text_csv' has no findings list"):
+        corpus_vocabulary("image_text_csv", [])
+    for corpus in ("btcv", "my_corpus", "../x"):
+        with pytest.raises(ConfigError, match=f"corpus '{re.escape(corpus)}' declares no report vocabulary"):
+            corpus_vocabulary(corpus)
+    with pytest.raises(ConfigError, match="needs the pre-training corpus"):
+        corpus_vocabulary(None)
+
+
 def test_to_binary_policies_and_extra_synonyms() -> None:
     raw = np.array([[1, 0, -1, np.nan]], np.float32)
     assert to_binary(raw, "ones").tolist() == [[1, 0, 1, 0]]
@@ -96,6 +164,8 @@ def test_to_binary_policies_and_extra_synonyms() -> None:
     lab = ReportLabeler("phantom_cxr", {"effusion": ["hydrothorax"]})
     assert lab("Right hydrothorax.")[lab.classes.index("effusion")] == 1
     assert lab("No hydrothorax.")[lab.classes.index("effusion")] == 0
+    hyphen = ReportLabeler("phantom_mri", {"high_grade_glioma": ["grade-IV astrocytoma"]})
+    assert hyphen("Grade-IV astrocytoma.")[hyphen.classes.index("high_grade_glioma")] == 1
 
 
 def test_bad_configuration_names_the_problem() -> None:

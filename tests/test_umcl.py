@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY, tiny_data
+from omegaconf import OmegaConf
 
 from medvlp_bench import distributed
-from medvlp_bench.config import compose, instantiate
-from medvlp_bench.datasets import phantom_cxr
+from medvlp_bench.config import ConfigError, compose, instantiate, tiny_overrides, to_container
+from medvlp_bench.datasets import phantom_ct, phantom_cxr, phantom_mri
 from medvlp_bench.encoders import build_image_encoder
 from medvlp_bench.losses import clip_loss
 from medvlp_bench.methods import umcl
@@ -26,6 +30,7 @@ def _model(**kw) -> UMCL:
     torch.manual_seed(0)
     text = build_text_encoder("bert_tiny", hidden=32, layers=2, heads=2, freeze_layers=kw.pop("freeze_layers", 0))
     image = build_image_encoder("resnet_tiny", spatial_dims=2)
+    kw.setdefault("vocabulary", "phantom_cxr")
     return UMCL(image, text, class_names=kw.pop("class_names", CLASSES), embed_dim=16, n_ctx=4, **kw)
 
 
@@ -181,6 +186,10 @@ def test_class_embeddings_use_learned_prompts_for_known_classes() -> None:
 def test_bad_configuration_is_reported() -> None:
     with pytest.raises(KeyError, match="spleen"):
         _model(class_names={"spleen": ["splenomegaly"]})
+    with pytest.raises(ConfigError, match="needs the pre-training corpus"):
+        _model(vocabulary="auto", class_names="auto")
+    with pytest.raises(ValueError, match="class_names must be 'auto'"):
+        _model(class_names="all")
     with pytest.raises(ValueError, match="mix"):
         _model(mix={"image_report": -1.0})
     with pytest.raises(ValueError, match="soft_targets"):
@@ -196,6 +205,106 @@ def test_config_builds_with_clip_encoders() -> None:
     model = instantiate(cfg.method.model)
     assert isinstance(model, umcl.UMCL) and model.impl_source == "reimplementation" and model.has_text_tower
     assert model.class_names == list(phantom_cxr.FINDINGS) and model.prompt.ctx_no_decay.shape[0] == 8
+
+
+def _from_config(task: str, *extra: str) -> tuple[UMCL, dict]:
+    """UMCL as ``medbench run method=umcl task=<task>`` builds it (corpus chosen by ``run.with_corpus``)."""
+    from medvlp_bench.run import with_corpus
+
+    ov = ["method=umcl", f"task={task}", *tiny_overrides("umcl"), *extra]
+    cfg = with_corpus(compose("run", ov), ov)
+    return instantiate(cfg.method.model), to_container(cfg.method.model)
+
+
+@pytest.mark.parametrize(
+    ("task", "vocabulary", "classes"),
+    [
+        ("phantom_cxr_cls", "phantom_cxr", list(phantom_cxr.FINDINGS)),
+        ("phantom_ct_cls", "phantom_ct", list(phantom_ct.FINDINGS)),
+        (
+            "phantom_mri_cls",
+            "phantom_mri",
+            ["mass", "enhancement", "necrosis", "edema", "low_grade_glioma", "high_grade_glioma"],
+        ),
+    ],
+)
+def test_each_phantom_corpus_gets_its_own_vocabulary(task: str, vocabulary: str, classes: list[str]) -> None:
+    model, saved = _from_config(task)
+    assert (model.corpus, model.vocabulary, model.class_names) == (task.removesuffix("_cls"), vocabulary, classes)
+    rebuilt = instantiate(OmegaConf.create(saved))  # the checkpoint's `model` config, without any corpus config
+    assert (rebuilt.vocabulary, rebuilt.class_names, rebuilt.prompt_text) == (vocabulary, classes, model.prompt_text)
+    if task == "phantom_cxr_cls":  # the CXR prompts are the ones the old hand-written class_names gave
+        assert model.prompt_text == [
+            "consolidation",
+            "pleural effusion",
+            "cardiomegaly",
+            "pulmonary nodule",
+            "pneumothorax",
+        ]
+
+
+@pytest.mark.parametrize("module", [phantom_ct, phantom_mri])
+def test_labels_of_ct_and_mri_reports_are_not_all_zero(module) -> None:
+    """The collapse: with the CXR vocabulary every CT/MRI report was labelled all-zero."""
+    model, _ = _from_config(f"{module.__name__.rsplit('.', 1)[1]}_cls")
+    samples = [module.generate(i, seed=2, size=32) for i in range(40)]
+    labels = model.batch_labels({"report": [s.report for s in samples]}).numpy()
+    assert labels.any(1).mean() > 0.5 and labels.any(0).all()  # most reports labelled, every class occurs
+    if module is phantom_ct:
+        assert np.array_equal(labels, np.stack([s.labels for s in samples]))
+
+
+def test_chexpert_vocabulary_needs_no_hand_written_class_names() -> None:
+    model, _ = _from_config("phantom_cxr_cls", "method.model.vocabulary=chexpert")
+    assert model.vocabulary == "chexpert" and "no_finding" not in model.class_names and len(model.class_names) == 13
+    y = model.report_labels("Small left pleural effusion. No pneumothorax.")
+    assert y[model.class_names.index("pleural_effusion")] == 1 and y.sum() == 1
+    assert model.prompt_text[model.class_names.index("pleural_effusion")] == "pleural effusion"
+    own, _ = _from_config("phantom_cxr_cls", "method.model.vocabulary=[effusion,pneumothorax]")
+    assert own.class_names == ["effusion", "pneumothorax"]
+    assert own.report_labels("Small left pleural effusion. No pneumothorax.").tolist() == [1, 0]
+
+
+def _corpus(reports: list[str], name: str = "phantom_ct") -> SimpleNamespace:
+    """A datamodule stand-in: a manifest with one validation row that must not be counted."""
+    split = ["val"] + ["train"] * len(reports)
+    return SimpleNamespace(name=name, manifest=pd.DataFrame({"split": split, "report": ["Ascites.", *reports]}))
+
+
+def test_corpus_stats_fractions_error_and_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = _model(vocabulary="phantom_ct", class_names="auto")
+    reports = ["FINDINGS: Large volume ascites. Splenomegaly.", "No ascites.", "Possible renal cyst.", "Normal."]
+    stats = model.corpus_stats(_corpus(reports))
+    assert stats["labelled_fraction"] == 0.5 and stats["n_train"] == 4  # 2 of 4 have a positive (uncertain: ones)
+    assert [stats[f"label_frac.{c}"] for c in model.class_names] == [0.0, 0.25, 0.25, 0.25]
+    assert stats["corpus"] == "phantom_ct" and stats["vocabulary"] == "phantom_ct"
+    cxr = _model()  # the old default: CXR vocabulary on CT reports labels nothing
+    with pytest.raises(ConfigError, match=r"corpus 'phantom_ct', vocabulary 'phantom_cxr'"):
+        cxr.corpus_stats(_corpus(reports))
+    with caplog.at_level(logging.WARNING, logger="medvlp_bench.methods.umcl"):
+        model.corpus_stats(_corpus(["Ascites."] + ["Normal."] * 20))  # 1 of 21 = 4.8%
+    assert "only 4.8% of the training reports" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medvlp_bench.methods.umcl"):
+        model.corpus_stats(_corpus(["Ascites."] + ["Normal."] * 19))  # 1 of 20 = 5%: no warning
+    assert "training reports" not in caplog.text
+    provided = _model(vocabulary="phantom_ct", class_names="auto", label_source="provided")
+    labels = _corpus(reports).manifest.assign(label=[np.ones(2, np.float32)] * 5)
+    with pytest.raises(ConfigError, match="2 label columns, class_names has 4"):
+        provided.corpus_stats(SimpleNamespace(name="x", manifest=labels))
+
+
+@pytest.mark.slow
+def test_pretraining_on_ct_records_the_label_fractions(workdir) -> None:
+    import json
+
+    from medvlp_bench.run import pretrain, with_corpus
+
+    ov = ["method=umcl", "task=phantom_ct_cls", "task.data.size=32", *TINY, *tiny_data(), *tiny_overrides("umcl")]
+    folder = pretrain(with_corpus(compose("run", ov), ov))
+    stats = json.loads((folder / "config.json").read_text())["corpus_stats"]
+    assert stats["vocabulary"] == "phantom_ct" and stats["n_train"] == 32 and stats["labelled_fraction"] > 0.5
+    assert set(stats) >= {f"label_frac.{c}" for c in phantom_ct.FINDINGS}
 
 
 @pytest.mark.slow
