@@ -117,11 +117,13 @@ class Method(L.LightningModule):
             out.append(F.normalize(self.embed_text(tok).mean(0), dim=-1))
         return torch.stack(out)
 
-    def adapt_to_input(self, in_channels: int) -> None:
+    def adapt_to_input(self, in_channels: int, *, frozen: bool = True) -> None:
         """Make the image encoder accept ``in_channels`` (called before evaluation on a task's data).
 
-        The base class only checks; a method pre-trained on one channel that supports multi-channel
-        downstream data (e.g. BrainMVP's patch-embedding drop/inflate) overrides this.
+        ``frozen`` is the task's ``freezes_encoder``: under a frozen protocol nothing downstream trains the
+        encoder, so an override must keep it pre-trained (e.g. inflate the stem, never re-initialise it).
+        The default is the safe one. The base class only checks; a method pre-trained on one channel that
+        supports multi-channel downstream data (e.g. BrainMVP's stem drop/inflate) overrides this.
         """
         have = getattr(self.image_encoder, "in_channels", in_channels)
         if have != in_channels:

@@ -344,7 +344,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():
         return []
-    method.adapt_to_input(int(task.data.in_channels))
+    method.adapt_to_input(int(task.data.in_channels), frozen=task.freezes_encoder)
     if (reason := task.skip_reason(method)) is not None:
         log.warning("skipping %s on %s: %s", names.method, names.task, reason)
         return []

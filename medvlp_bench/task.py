@@ -71,6 +71,8 @@ class Task(abc.ABC):
     """Base class. ``metrics`` are the declared metric names; ``primary`` ranks the leaderboard."""
 
     kind: ClassVar[str]
+    #: protocols of this kind that keep the encoder frozen (features only: probes, retrieval, zero-shot)
+    frozen_protocols: ClassVar[frozenset[str]] = frozenset({"linear", "frozen", "zeroshot"})
 
     def __init__(
         self,
@@ -100,6 +102,12 @@ class Task(abc.ABC):
         if base in LOWER_IS_BETTER or base.endswith("_medr"):
             return False
         return self.higher_is_better
+
+    @property
+    def freezes_encoder(self) -> bool:
+        """True when the protocol never trains the encoder: a method must then not put untrained weights in
+        front of it (``Method.adapt_to_input(..., frozen=True)``), since nothing downstream would fit them."""
+        return self.protocol in self.frozen_protocols
 
     def skip_reason(self, method: Method) -> str | None:
         """Why this task does not apply to ``method`` (e.g. retrieval without a text tower), or None."""

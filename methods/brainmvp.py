@@ -11,8 +11,9 @@ of which ``mask_ratio`` are masked, twice with independent masks:
 E(.) is the deepest feature map (flattened), D the method-private reconstruction decoder: a chain of 2x
 transposed convolutions from the deepest map, no skips and no nonlinearity, as the authors' decoder. The
 contrastive term is on from ``contrast_start`` (a fraction of the epochs). Downstream, ``adapt_to_input``
-drops or inflates the stem for multi-channel data and ``mix_in`` optionally swaps input channels for
-templates while fine-tuning. Equations, defaults and deviations: docs/methods/brainmvp.md.
+inflates the pre-trained stem for multi-channel data under frozen protocols and, when fine-tuning, drops or
+inflates it (``channel_adapt``); ``mix_in`` optionally swaps input channels for templates while fine-tuning.
+Equations, defaults and deviations: docs/methods/brainmvp.md.
 """
 
 from __future__ import annotations
@@ -71,18 +72,21 @@ class BrainMVP(Method):
     Args:
         modalities: channel names of the pre-training data, in channel order; one template per entry.
         template_size: side of each template volume (the data's size; the authors use a 240x240x155 canvas).
-        crop_size: side of the random crop per sample (authors 96).
+        crop_size: side of the random crop per sample (authors 96); at least twice the encoder's deepest stride.
         block_size, mask_ratio: mask blocks of ``block_size``^dims; floor(n (1 - ratio)) blocks are kept.
         template_norm: ``minmax`` (authors, [0, 1] data) | ``zscore`` (z-normalised data) | ``none``.
         template_warmup: fraction of the epochs in which view 2 is filled from the template too (authors 300/1500).
         contrast_start: fraction of the epochs after which the contrastive term is on (authors 1000/1500).
         rec_weight_template, rec_weight_cross, contrast_weight: w1, w2, wc (authors 10, 1, 1).
         temperature: InfoNCE temperature (authors 1.0).
-        channel_adapt: ``drop`` (authors) | ``inflate`` | ``none`` (refuse other channel counts downstream).
+        channel_adapt: stem for other channel counts when fine-tuning: ``drop`` (authors) | ``inflate`` | ``none``
+            (refuse). Frozen protocols always inflate (``adapt_to_input``).
         mix_in: downstream only, max input channels replaced by templates per fine-tuning sample (0 = off).
     """
 
     impl_source: ClassVar[str] = "official-code"
+    #: 2: frozen protocols inflate the pre-trained stem (was: a random stem under ``drop``); crop >= 2 x stride
+    version: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -111,6 +115,7 @@ class BrainMVP(Method):
         self.crop = ensure_tuple_rep(crop_size, dims)
         self.template_shape = ensure_tuple_rep(template_size, dims)
         self._check(block_size, mask_ratio, template_norm, channel_adapt)
+        self._check_crop_vs_stride(image_encoder.feature_strides[-1])
         self.block_size, self.mask_ratio, self.template_norm = block_size, mask_ratio, template_norm
         self.template_warmup, self.contrast_start = template_warmup, contrast_start
         self.weights = (rec_weight_template, rec_weight_cross, contrast_weight)
@@ -138,6 +143,15 @@ class BrainMVP(Method):
             raise ValueError(f"method.model.template_norm must be one of {bm.TEMPLATE_NORMS}, got {norm!r}")
         if adapt not in bm.CHANNEL_ADAPT:
             raise ValueError(f"method.model.channel_adapt must be one of {bm.CHANNEL_ADAPT}, got {adapt!r}")
+
+    def _check_crop_vs_stride(self, stride: int) -> None:
+        """The deepest map must be at least 2 voxels per axis: at one voxel the linear decoder only sees a
+        global code of a randomly placed crop and reconstruction stays at the predict-zero error (measured)."""
+        if any(c < 2 * stride for c in self.crop):
+            raise ValueError(
+                f"method.model.crop_size {self.crop} is below 2 x the encoder's deepest stride {stride}: needs >= "
+                f"{2 * stride} per axis (a larger crop, or an encoder with a shallower stride, e.g. uniformer_tiny: 16)"
+            )
 
     # ---- schedule ------------------------------------------------------------------------------
     def progress(self) -> float:
@@ -216,15 +230,20 @@ class BrainMVP(Method):
         return {"loss": loss, "rec_template": rec1, "rec_cross": rec2, "contrast": contrast, "cross_modal": v["cross"]}
 
     # ---- downstream ------------------------------------------------------------------------------
-    def adapt_to_input(self, in_channels: int) -> None:
-        """Re-make the stem for ``in_channels`` (``drop``: fresh init; ``inflate``: W / C per channel)."""
+    def adapt_to_input(self, in_channels: int, *, frozen: bool = True) -> None:
+        """Re-make the stem for ``in_channels``.
+
+        ``frozen`` (linear probe, frozen features, frozen segmentation): always ``inflate`` (W / C per channel),
+        deterministic, so the frozen encoder is the pre-trained one end to end; the authors drop the stem only
+        to fine-tune it. Fine-tuning: ``channel_adapt`` (``drop``: fresh init, ``inflate``). ``none`` refuses.
+        """
         enc = self.image_encoder
         if enc.in_channels == in_channels:
             return
         if self.channel_adapt == "none":
-            super().adapt_to_input(in_channels)
+            super().adapt_to_input(in_channels, frozen=frozen)
         parent, attr, conv = bm.first_conv(enc, enc.in_channels)
-        setattr(parent, attr, bm.adapted_conv(conv, in_channels, self.channel_adapt))
+        setattr(parent, attr, bm.adapted_conv(conv, in_channels, "inflate" if frozen else self.channel_adapt))
         enc.in_channels = in_channels
 
     def image_features(self, image: Tensor) -> ImageFeatures:

@@ -116,7 +116,8 @@ def first_conv(module: nn.Module, in_channels: int) -> tuple[nn.Module, str, nn.
 def adapted_conv(conv: nn.Module, in_channels: int, mode: str) -> nn.Module:
     """A copy of ``conv`` reading ``in_channels``.
 
-    ``drop``: freshly initialised (the authors drop the pre-trained patch embedding when channel counts differ).
+    ``drop``: freshly initialised (the authors drop the pre-trained patch embedding when fine-tuning on other
+    channel counts; only for fine-tuning, a frozen random stem would feed the probe noise).
     ``inflate``: every input channel gets sum_i W[:, i] / C_new, so an input that is the same in every channel
     gives the same response as the pre-trained stem on that one channel (I3D-style inflation across channels).
     """
@@ -124,16 +125,19 @@ def adapted_conv(conv: nn.Module, in_channels: int, mode: str) -> nn.Module:
         raise ValueError(f"method.model.channel_adapt must be one of {CHANNEL_ADAPT}, got {mode!r}")
     if conv.groups != 1:
         raise ValueError(f"cannot adapt a grouped stem convolution (groups={conv.groups})")
-    new = type(conv)(
-        in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    cls, shape = type(conv), (in_channels, conv.out_channels)
+    kw = {
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+        "device": conv.weight.device,
+        "dtype": conv.weight.dtype,
+    }
+    # inflate draws nothing from the global RNG (skip_init), so the seeded probe that follows is unaffected
+    new = nn.utils.skip_init(cls, *shape, **kw) if mode == "inflate" else cls(*shape, **kw)
     if mode == "inflate":
         with torch.no_grad():
             new.weight.copy_((conv.weight.sum(1, keepdim=True) / in_channels).expand_as(new.weight))

@@ -139,6 +139,7 @@ class Classification(Task):
     """Linear-probe or fine-tune classification with label fractions and early stopping."""
 
     kind: ClassVar[str] = "classification"
+    frozen_protocols: ClassVar[frozenset[str]] = frozenset({"linear"})
 
     def __init__(
         self,

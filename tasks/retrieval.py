@@ -80,6 +80,7 @@ class Retrieval(Task):
     """Image-to-text and text-to-image R@k and median rank over the whole test split (zero-shot)."""
 
     kind: ClassVar[str] = "retrieval"
+    frozen_protocols: ClassVar[frozenset[str]] = frozenset({"zeroshot"})
 
     def __init__(self, data: MedDataModule, *, ks: list[int] | tuple[int, ...] = (1, 5, 10), **kw: Any) -> None:
         kw.setdefault("protocol", "zeroshot")

@@ -175,6 +175,7 @@ class Segmentation(Task):
     """Shared-decoder segmentation with label fractions, frozen or fine-tuned encoder, early stopping."""
 
     kind: ClassVar[str] = "segmentation"
+    frozen_protocols: ClassVar[frozenset[str]] = frozenset({"frozen"})
 
     def __init__(
         self,

@@ -73,6 +73,7 @@ class ZeroShot(Task):
     """Zero-shot classification of the test split from class prompts (no labels used, nothing trained)."""
 
     kind: ClassVar[str] = "zeroshot"
+    frozen_protocols: ClassVar[frozenset[str]] = frozenset({"zeroshot"})
 
     def __init__(
         self,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from medvlp_bench.config import compose, instantiate
+from medvlp_bench import run
+from medvlp_bench.config import compose, instantiate, tiny_overrides
 from medvlp_bench.datasets.phantom_mri import generate
 from medvlp_bench.encoders import build_image_encoder
 from medvlp_bench.methods import brainmvp_masking as bm
@@ -17,9 +19,10 @@ from medvlp_bench.methods.brainmvp import BrainMVP
 CROP, TEMPLATE = 16, 24
 
 
-def _method(**kw) -> BrainMVP:
+def _method(encoder: str = "brainmvp_unet_tiny", **kw) -> BrainMVP:
+    """A small BrainMVP; the U-Net's deepest stride (8) lets the 16^3 crop keep the 2 x stride rule."""
     torch.manual_seed(0)
-    enc = build_image_encoder("resnet_tiny", spatial_dims=3, in_channels=1)
+    enc = build_image_encoder(encoder, spatial_dims=3, in_channels=1)
     args = {"template_size": TEMPLATE, "crop_size": CROP, "block_size": 8, "template_norm": "none", **kw}
     return BrainMVP(enc, **args)
 
@@ -133,32 +136,114 @@ def test_single_channel_or_wrong_channel_batches_fail_clearly() -> None:
         _method(crop_size=12)
 
 
+def _stem(m: BrainMVP) -> torch.Tensor:
+    return bm.first_conv(m.image_encoder, m.image_encoder.in_channels)[2].weight
+
+
 @pytest.mark.parametrize("mode", ["drop", "inflate"])
-def test_adapt_to_input_replaces_the_stem(mode: str) -> None:
+def test_fine_tuning_adapts_the_stem_as_configured(mode: str) -> None:
     m = _method(channel_adapt=mode).eval()
-    x = torch.randn(2, 1, 32, 32, 32)
+    x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
         before = m.encode_image(x)
-    old = m.image_encoder.net.conv1.weight.detach().clone()
-    m.adapt_to_input(4)
-    assert m.image_encoder.in_channels == 4 and m.image_encoder.net.conv1.weight.shape[1] == 4
+    old = _stem(m).detach().clone()
+    m.adapt_to_input(4, frozen=False)
+    assert m.image_encoder.in_channels == 4 and _stem(m).shape[1] == 4
     with torch.no_grad():
         after = m.encode_image(x.repeat(1, 4, 1, 1, 1))
     assert after.shape == before.shape
     if mode == "inflate":  # same response to an input that is constant across channels
-        assert torch.allclose(m.image_encoder.net.conv1.weight, old.repeat(1, 4, 1, 1, 1) / 4)
+        assert torch.allclose(_stem(m), old.repeat(1, 4, 1, 1, 1) / 4)
         assert torch.allclose(after, before, atol=1e-5)
     else:
         assert not torch.allclose(after, before, atol=1e-3)
-    m.adapt_to_input(4)  # idempotent
+    m.adapt_to_input(4, frozen=False)  # idempotent
+
+
+def test_frozen_protocols_inflate_the_pretrained_stem_without_drawing_random_numbers() -> None:
+    m = _method(channel_adapt="drop")  # the yaml default: drop applies to fine-tuning only
+    old = _stem(m).detach().clone()
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    m.adapt_to_input(4, frozen=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # no random init anywhere on the frozen path
+    assert torch.equal(_stem(m), old.repeat(1, 4, 1, 1, 1) / 4)  # hand-computed W / C per channel
+
+
+def test_crop_below_twice_the_deepest_stride_is_refused_at_construction() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"crop_size \(32, 32, 32\) is below 2 x the encoder's deepest stride 32: "
+        r"needs >= 64",
+    ) as err:
+        _method("resnet_tiny", template_size=32, crop_size=32)
+    assert "\n" not in str(err.value)
+    _method("resnet_tiny", template_size=64, crop_size=64)  # 64 = 2 x 32: the default resnet_small setting
+    _method("uniformer_tiny", template_size=32, crop_size=32)  # stride 16: the CPU suites' `tiny:` setting
+
+
+@pytest.mark.parametrize("suite", ["methods_cpu", "seg_cpu", "smoke"])
+def test_cpu_suites_build_brainmvp_within_the_crop_rule(suite: str) -> None:
+    """The suites' own sizes with brainmvp's `tiny:` overrides construct (the rule is checked in __init__),
+    and give the deepest map >= 2 voxels per axis on the suite's data."""
+    s = compose("bench", [f"suite={suite}"]).suite
+    sizes = [o for o in s.overrides if o.startswith("task.data.size=")]
+    cfg = compose("run", ["method=brainmvp", "task=phantom_mri_cls", *s.overrides, *tiny_overrides("brainmvp")])
+    m = instantiate(cfg.method.model)
+    size = int(sizes[0].split("=")[1])
+    assert m.crop == (size,) * 3  # the whole volume, as the 64^3 default
+    with torch.no_grad():
+        deepest = m.image_encoder.eval()(torch.randn(1, 1, *m.crop)).maps[-1]
+    assert min(deepest.shape[2:]) >= 2
+
+
+def _linear_probe_features(cfg, method: BrainMVP, x: torch.Tensor, seed: int, monkeypatch) -> torch.Tensor:
+    """What ``run.evaluate`` hands the task: the method after ``adapt_to_input``, its features of ``x``."""
+
+    class Seen(Exception):
+        pass
+
+    def capture(task, m, ctx):
+        with torch.no_grad():
+            raise Seen(m.eval().encode_image(x))
+
+    monkeypatch.setattr(run, "obtain_method", lambda cfg: (method, None))
+    monkeypatch.setattr(type(instantiate(cfg.task)), "evaluate", capture)
+    torch.manual_seed(seed)
+    with pytest.raises(Seen) as seen:
+        run.evaluate(cfg)
+    return seen.value.args[0]
+
+
+def test_linear_probe_features_come_from_the_pretrained_stem(workdir, monkeypatch) -> None:
+    """Issue 17: with channel_adapt=drop the probe used to freeze a fresh random stem, so its features did not
+    depend on the pre-trained stem at all (and changed with the torch seed)."""
+    over = ["method=brainmvp", "task=phantom_mri_cls", "task.data.size=32", "logger=none"]
+    cfg = run.with_corpus(compose("run", [*over, *tiny_overrides("brainmvp")]), over)
+    assert cfg.task.protocol == "linear" and cfg.method.model.channel_adapt == "drop"
+    torch.manual_seed(0)
+    pretrained = instantiate(cfg.method.model)
+    other = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        _stem(other).mul_(-2.0)  # a different pre-trained stem, everything else equal
+    x = torch.randn(2, 4, 32, 32, 32)
+    a = _linear_probe_features(cfg, copy.deepcopy(pretrained), x, 1, monkeypatch)
+    b = _linear_probe_features(cfg, other, x, 1, monkeypatch)
+    c = _linear_probe_features(cfg, copy.deepcopy(pretrained), x, 2, monkeypatch)
+    assert not torch.allclose(a, b, atol=1e-4)  # the stem's pre-trained weights reach the probe
+    assert torch.equal(a, c)  # and nothing random does
+    inflated = copy.deepcopy(pretrained).eval()
+    with torch.no_grad():  # hand-inflated reference: W / 4 on every channel = the 1-channel stem on the mean
+        assert torch.allclose(a, inflated.encode_image(x.mean(1, keepdim=True)), atol=1e-5)
 
 
 def test_adapt_finds_swin_patch_embedding_and_none_refuses() -> None:
     enc = build_image_encoder("swin_tiny", spatial_dims=3, in_channels=1)
     parent, attr, conv = bm.first_conv(enc, 1)
     assert conv is enc.net.patch_embed.proj and getattr(parent, attr) is conv
-    with pytest.raises(ValueError, match="channel"):
-        _method(channel_adapt="none").adapt_to_input(4)
+    for frozen in (True, False):
+        with pytest.raises(ValueError, match="channel"):
+            _method(channel_adapt="none").adapt_to_input(4, frozen=frozen)
 
 
 def test_template_mix_in_swaps_whole_channels_only_while_training() -> None:
@@ -186,13 +271,13 @@ def test_yaml_builds_a_one_channel_encoder_for_four_channel_data(workdir) -> Non
     assert tuple(m.templates_no_decay.shape) == (4, 64, 64, 64)
 
 
+@pytest.mark.slow  # uniformer_tiny at 32^3: 40 s on one free core, minutes on a loaded 2-core machine
 def test_a_short_fit_lowers_the_reconstruction_error() -> None:
     vols = np.stack([generate(i, size=32).image for i in range(4)])
     x = torch.from_numpy(vols)
     x = (x - x.mean((2, 3, 4), keepdim=True)) / x.std((2, 3, 4), keepdim=True)
-    # the crop must leave the deepest map (stride 32) something to localise: at crop 16 the linear decoder sees
-    # one voxel of a randomly placed crop and stays at the predict-zero error (measured 1.7 vs 1.66 after 40 steps)
-    m = _method(template_size=32, crop_size=32, template_norm="zscore", contrast_start=0.0)
+    # the CPU suites' setting (`tiny:`): uniformer_tiny, whole 32^3 volume as the crop, deepest map 2^3
+    m = _method("uniformer_tiny", template_size=32, crop_size=32, template_norm="zscore", contrast_start=0.0)
     m.fixed_progress = 0.5
 
     def rec_error() -> float:
@@ -203,7 +288,7 @@ def test_a_short_fit_lowers_the_reconstruction_error() -> None:
 
     start = rec_error()
     opt = torch.optim.AdamW(m.param_groups(), lr=3e-3)
-    for _ in range(40):  # measured 1.06 -> 0.49
+    for _ in range(25):  # measured 2.04 -> 1.05
         opt.zero_grad()
         m.pretrain_step({"image": x})["loss"].backward()
         opt.step()
