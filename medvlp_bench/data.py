@@ -8,11 +8,16 @@ preprocessing -- is decided here, never in a method.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
+import inspect
 import json
-from collections.abc import Callable, Iterator, Sequence, Sized
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -95,6 +100,46 @@ def _coverage_needs(labels: np.ndarray) -> list[Callable[[np.ndarray], bool]]:
         needs.append(lambda y, c=c: y[c] > 0.5)
         needs.append(lambda y, c=c: y[c] <= 0.5)
     return needs
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def canonical(value: Any, _depth: int = 0) -> Any:
+    """A JSON-ready, order-independent form of a setting: dicts with sorted string keys, sets sorted, tuples as
+    lists, paths and enums as strings, arrays and tensors as lists, dataclasses and plain objects as their class
+    name plus their (public and private) attributes, functions by qualified name."""
+    if _depth > 8:  # deeper than any setting: this object only, so the key can miss but never match wrongly
+        return {"__class__": _qualname(type(value)), "id": id(value)}
+    d = _depth + 1
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, np.generic | np.ndarray | Tensor):
+        return canonical(value.tolist(), d)
+    if isinstance(value, os.PathLike | enum.Enum):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v, d) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [canonical(v, d) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((canonical(v, d) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, MedDataModule):  # a mixed corpus holds its parts
+        return {"__class__": _qualname(type(value)), "cache_key": value.cache_key()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {"__class__": _qualname(type(value)), **canonical(fields, d)}
+    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
+        return _qualname(value)
+    if inspect.isfunction(value) or inspect.ismethod(value):
+        closure = [canonical(c.cell_contents, d) for c in (getattr(value, "__closure__", None) or ())]
+        return {"__function__": _qualname(value), "closure": closure}
+    if hasattr(value, "__dict__"):
+        return {"__class__": _qualname(type(value)), **canonical(vars(value), d)}
+    return {"__class__": _qualname(type(value)), "repr": repr(value)}
 
 
 def subset_checksum(ids: Sequence[str]) -> str:
@@ -217,18 +262,29 @@ class MedDataModule(L.LightningDataModule):
         return []
 
     # ---- provided ------
+    #: attributes that change how samples are batched or loaded, or are runtime state, never what a frozen
+    #: encoder sees; everything else a datamodule holds is part of its ``cache_key``
+    CACHE_KEY_IGNORES: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "eval_batch_size", "num_workers", "pin_memory", "rng_seed", "tokenizer", "trainer"}
+        | {"manifest", "prepare_data_per_node", "allow_zero_length_dataloader_with_multiple_devices"}
+        | {"_log_hyperparams", "_batch_size"}
+    )
+
     def cache_key(self) -> str:
-        """Identifies the data a frozen encoder sees (the manifest's ids and the preprocessing settings)."""
-        loader_only = {"batch_size", "eval_batch_size", "num_workers", "pin_memory", "target", "has_masks", "rng_seed"}
-        settings = {
-            k: v
-            for k, v in vars(self).items()
-            if isinstance(v, int | float | str | bool) and not k.startswith("_") and k not in loader_only
-        }
-        blob = json.dumps(
-            [type(self).__name__, settings, self.manifest["id"].astype(str).tolist()], sort_keys=True, default=str
-        )
+        """Identifies the data a frozen encoder sees: the class, every setting the datamodule holds (scalars, and
+        the dicts, lists and objects that carry intensity, spatial, ROI and orientation settings, in a canonical
+        form) and the manifest. Two datamodules share a key only if they would yield the same samples."""
+        settings = {k: v for k, v in vars(self).items() if k not in self.CACHE_KEY_IGNORES}
+        blob = json.dumps([_qualname(type(self)), canonical(settings), self._manifest_digest()], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _manifest_digest(self) -> str:
+        """sha256 of every manifest column as text (ids, splits, paths, labels), independent of the index."""
+        df = self.manifest
+        cols = sorted(map(str, df.columns))
+        text = df[cols].astype(str)
+        hashed = pd.util.hash_pandas_object(text, index=False).to_numpy()
+        return hashlib.sha256(json.dumps(cols).encode() + hashed.tobytes()).hexdigest()
 
     # ---------------------------------------------------------------------------------------------
     @cached_property

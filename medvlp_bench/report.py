@@ -4,6 +4,8 @@ The page holds the leaderboard, label-efficiency curves, bar charts with confide
 of each method against a baseline. It is built only from ``results/runs`` (rows) and ``results/predictions``
 (paired tests), so it can be regenerated at any time. Figures are embedded as base64 PNGs and the CSS is inline
 (no JavaScript, no external URLs): the file opens offline and survives being mailed or attached to a ticket.
+Every value shown comes from the rows or from ``stats.compare``, which recomputes it with ``medvlp_bench.metrics``
+(the functions the tasks scored the rows with); seed intervals are clipped to each metric's range.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
 import sys
@@ -164,6 +167,20 @@ def paired_rows(
     return done, skipped
 
 
+def left_out_notes(runs_dir: Path) -> list[str]:
+    """One line per cell whose macro averages left classes out (no positive or no negative in its test split)."""
+    notes = []
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            left = json.loads(path.read_text()).get("left_out_classes") or {}
+        except (json.JSONDecodeError, AttributeError):
+            continue  # load_rows has already reported corrupt files
+        if left:
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(left.items()))
+            notes.append(f"{path.stem}: macro averages leave out {len(left)} class(es) ({why})")
+    return notes
+
+
 def _fail(msg: str) -> int:
     print(f"medbench report: error: {msg}", file=sys.stderr)
     return 2
@@ -264,6 +281,7 @@ def render(rows: pd.DataFrame, res_dir: Path, baseline: str, level: float, n_boo
                 add("curve", _slug(task, protocol), fig, f"label efficiency: {task}, {protocol}")
             add("bar", _slug(task), bar_figure(g, title, colors), f"{task}: mean over seeds with 95% CI")
     paired = _paired_section(*paired_rows(res_dir, prim, baseline, level, n_boot), baseline, level)
+    tables += [f'<p class="note">{_e(n)}</p>' for n in left_out_notes(res_dir / "runs")]
     files["leaderboard.md"] = results.leaderboard_markdown(lb).encode("utf-8")
     files["index.html"] = _page(rows, res_dir, tables, figs, paired).encode("utf-8")
     return files
@@ -290,7 +308,8 @@ def _page(rows: pd.DataFrame, res_dir: Path, tables: list[str], figs: dict[str, 
 <h1>medvlp-bench report</h1>
 {meta_html}</table>
 <h2 id="leaderboard">1. Leaderboard (primary metric per task)</h2>
-<p>Mean ± standard deviation over seeds; the 95% CI is Student-t over seeds (seed variance, not test-set noise).</p>
+<p>Mean ± standard deviation over seeds; the 95% CI is Student-t over seeds (seed variance, not test-set noise),
+clipped to the metric's range (e.g. [0, 1] for AUROC and Dice).</p>
 {"".join(tables)}
 <h2 id="curves">2. Label efficiency</h2>
 <p>Primary metric against the fraction of labelled training data (log scale); the band is the 95% CI over seeds.</p>

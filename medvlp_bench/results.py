@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import ResultsWriteError, atomic_write_bytes, atomic_write_text
+from .metrics import clip_interval
 from .versions import as_version
 
 __all__ = ["ResultsWriteError", "atomic_write_bytes", "atomic_write_text"]
@@ -152,6 +153,9 @@ def confidence_interval(values: Iterable[float], level: float = 0.95) -> tuple[f
 def build_leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean, std, n_seeds and a 95 % CI per (method, task, protocol, label fraction, metric, version).
 
+    The CI is Student-t over seeds, clipped to the metric's range (``metrics.metric_range``): with 3 seeds a
+    Dice near 0 would otherwise get a lower bound below 0, a value no method can score.
+
     Sorted by task, protocol, label fraction, then primary metrics first and best method first
     according to ``higher_is_better``. Duplicate seeds (re-runs of a cell) keep the newest row.
     """
@@ -161,7 +165,7 @@ def build_leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     for key, g in rows.groupby(GROUP_KEYS, sort=False, dropna=False):
         vals = g["value"].astype(float)
-        lo, hi = confidence_interval(vals)
+        lo, hi = clip_interval(str(g["metric"].iloc[0]), *confidence_interval(vals))
         rec = dict(zip(GROUP_KEYS, key))
         rec.update(
             impl_source=g["impl_source"].iloc[-1],

@@ -1,5 +1,6 @@
 """Paired comparison of two methods on the same test samples: DeLong's test for AUROC, a paired bootstrap
-for everything else, and the metric functions both use on the saved per-sample predictions.
+for everything else. Metric values come from ``medvlp_bench.metrics``, the functions the tasks score their
+rows with, so ``compare``'s values are the rows' values.
 
 The leaderboard's t-interval over seeds says how much a method varies with the seed; it cannot say whether
 A beats B on this test set. Both methods are scored on the same test samples, so the comparison is paired:
@@ -15,7 +16,7 @@ Per-sample predictions are ``results/predictions/<cell>.npz``: classification an
 ``id, target, score``; segmentation ``id, dice [N, K], class_names``; retrieval ``id, rank_i2t, ties_i2t,
 rank_t2i, ties_t2i`` (mid-rank of the true match, and how many other candidates tie with it).
 The pooled row averages the per-seed differences; its interval is over test samples only (seed variance is
-what the leaderboard interval shows).
+what the leaderboard interval shows), and it is clipped to the range a difference of the metric can take.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.stats import rankdata
 
-Preds = dict[str, np.ndarray]
+from .metrics import Preds, auroc_per_class, clip_interval, metric_value, one_vs_rest, prediction_kind, recall_at_k
+
+__all__ = ["auroc_per_class", "compare", "delong", "metric_value", "paired_bootstrap", "prediction_kind", "recall_at_k"]
 
 
 # ---- DeLong ------------------------------------------------------------------------------------------
@@ -56,22 +59,6 @@ def delong_components(target: np.ndarray, score: np.ndarray) -> tuple[float, np.
         phi[y] = (v10 - auc) / np.sqrt(m * (m - 1))
         phi[~y] = (v01 - auc) / np.sqrt(n * (n - 1))
     return float(auc), phi
-
-
-def _one_vs_rest(target: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, K] binary targets and scores: multi-label as is, multi-class one-hot, binary as one column."""
-    target, score = np.asarray(target), np.asarray(score, dtype=np.float64)
-    if score.ndim == 1 or (score.ndim == 2 and score.shape[1] == 1):
-        return target.reshape(-1, 1), score.reshape(-1, 1)
-    if target.ndim == 1:  # multi-class: one-vs-rest, as torchmetrics' macro multiclass AUROC
-        return np.eye(score.shape[1], dtype=bool)[target.astype(int)], score
-    return target, score
-
-
-def auroc_per_class(target: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """One AUROC per class (one-vs-rest for multi-class), NaN for a class without positives or negatives."""
-    t, s = _one_vs_rest(target, score)
-    return np.array([delong_components(t[:, k], s[:, k])[0] for k in range(t.shape[1])])
 
 
 def macro_components(parts: Sequence[tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:
@@ -99,8 +86,8 @@ def delong(
     With ``score_b`` each row tests AUC_A - AUC_B on the same samples; without it, AUC_A is tested against
     0.5 and ``diff`` is AUC_A with its DeLong interval.
     """
-    t, sa = _one_vs_rest(target, score_a)
-    sb = None if score_b is None else _one_vs_rest(target, score_b)[1]
+    t, sa = one_vs_rest(target, score_a)
+    sb = None if score_b is None else one_vs_rest(target, score_b)[1]
     if sb is not None and sb.shape != sa.shape:
         raise ValueError(f"score_a {sa.shape} and score_b {sb.shape} must have the same shape")
     parts_a = [delong_components(t[:, k], sa[:, k]) for k in range(t.shape[1])]
@@ -117,6 +104,7 @@ def delong(
         diff = auc_a - auc_b if parts_b else auc_a
         var = float(np.sum((phi_a - phi_b) ** 2))
         p, lo, hi = z_test(diff, var, level, null=0.0 if parts_b else 0.5)
+        lo, hi = clip_interval("auroc", lo, hi, difference=parts_b is not None)
         out.append(
             {"class": name, "auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": np.sqrt(var)}
             | {"ci_low": lo, "ci_high": hi, "p_value": p}
@@ -154,87 +142,7 @@ def paired_bootstrap(
     return BootstrapResult(observed, float(lo), float(hi), float(min(p, 1.0)), len(boots))
 
 
-# ---- metrics from saved predictions ------------------------------------------------------------------
-def recall_at_k(rank: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
-    """Per-query probability that the true match is in the top ``k`` when ties are broken at random.
-
-    ``rank`` is the mid-rank of the true match (1 + #higher + ties/2): a constant scorer gets k/N, not 1.
-    """
-    rank, ties = np.asarray(rank, dtype=np.float64), np.asarray(ties, dtype=np.float64)
-    higher = rank - 1 - ties / 2
-    return np.clip(k - higher, 0, ties + 1) / (ties + 1)
-
-
-def _retrieval_metric(p: Preds, metric: str) -> float:
-    if metric == "r_mean":
-        names = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-        return float(np.mean([_retrieval_metric(p, n) for n in names]))
-    m = re.fullmatch(r"(i2t|t2i)_(r(\d+)|medr)", metric)
-    if m is None:
-        raise KeyError(f"unknown retrieval metric {metric!r}; use i2t_r<k>, t2i_r<k>, i2t_medr, t2i_medr, r_mean")
-    d = m.group(1)
-    if m.group(2) == "medr":
-        return float(np.median(p[f"rank_{d}"]))
-    return float(recall_at_k(p[f"rank_{d}"], p[f"ties_{d}"], int(m.group(3))).mean())
-
-
-def _segmentation_metric(p: Preds, metric: str) -> float:
-    base, _, cls = metric.partition("/")
-    if base not in p:
-        raise KeyError(f"segmentation predictions hold {sorted(p)}, not {base!r}")
-    values = np.asarray(p[base], dtype=np.float64)
-    values = np.where(np.isinf(values), np.nan, values)
-    counts = np.isfinite(values).sum(0)
-    per_class = np.where(counts > 0, np.nansum(values, 0) / np.maximum(counts, 1), np.nan)
-    if cls:
-        names = [str(c) for c in p["class_names"]]
-        if cls not in names:
-            raise KeyError(f"class {cls!r} not among {names}")
-        return float(per_class[names.index(cls)])
-    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
-
-
-def _classification_metric(p: Preds, metric: str) -> float:
-    import torch
-    import torchmetrics.functional as tmf
-
-    target, score = np.asarray(p["target"]), np.asarray(p["score"], dtype=np.float32)
-    if metric == "auroc":
-        per = auroc_per_class(target, score)
-        return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
-    if metric not in ("acc", "f1"):
-        raise KeyError(f"unknown classification metric {metric!r}; use auroc, acc or f1")
-    fn = tmf.accuracy if metric == "acc" else tmf.f1_score
-    s, y = torch.from_numpy(score), torch.from_numpy(target).long()
-    if score.ndim == 2 and target.ndim == 2:
-        return float(fn(s, y, task="multilabel", num_labels=s.shape[1], average="macro"))
-    if score.ndim == 2 and score.shape[1] > 1:
-        avg = "micro" if metric == "acc" else "macro"  # as tasks/classification.py reports them
-        return float(fn(s, y, task="multiclass", num_classes=s.shape[1], average=avg))
-    return float(fn(s.view(-1), y.view(-1), task="binary"))
-
-
-def prediction_kind(p: Preds) -> str:
-    """classification | segmentation | retrieval, from the arrays a prediction file holds."""
-    if "rank_i2t" in p:
-        return "retrieval"
-    if "dice" in p:
-        return "segmentation"
-    if "target" in p and "score" in p:
-        return "classification"
-    raise ValueError(f"unrecognised prediction arrays {sorted(p)}")
-
-
-def metric_value(p: Preds, metric: str) -> float:
-    """The task's metric recomputed from per-sample predictions (what the bootstrap resamples)."""
-    fn = {
-        "retrieval": _retrieval_metric,
-        "segmentation": _segmentation_metric,
-        "classification": _classification_metric,
-    }[prediction_kind(p)]
-    return fn(p, metric)
-
-
+# ---- saved predictions ------------------------------------------------------------------------------
 def take(p: Preds, idx: np.ndarray) -> Preds:
     """The per-sample arrays at ``idx`` (per-file arrays such as ``class_names`` kept whole)."""
     n = len(p["id"])
@@ -285,7 +193,7 @@ def _test(a: list[Preds], b: list[Preds], metric: str, test: str, n_boot: int, s
     if test == "delong":
         pa = [macro_components(_parts(p)) for p in a]
         pb = [macro_components(_parts(p)) for p in b]
-        diff = float(np.mean([x[0] - y[0] for x, y in zip(pa, pb)]))
+        diff = value_a - value_b  # the DeLong AUCs are these values; the rows' numbers keep the last digit
         phi = np.mean([x[1] - y[1] for x, y in zip(pa, pb)], axis=0)
         p_value, lo, hi = z_test(diff, float(np.sum(phi**2)), level)
     else:
@@ -297,11 +205,12 @@ def _test(a: list[Preds], b: list[Preds], metric: str, test: str, n_boot: int, s
 
         res = paired_bootstrap(delta, len(a[0]["id"]), n_boot=n_boot, seed=seed, level=level)
         diff, lo, hi, p_value = res.estimate, res.ci_low, res.ci_high, res.p_value
+    lo, hi = clip_interval(metric, lo, hi, difference=True)
     return dict(value_a=value_a, value_b=value_b, diff=diff, ci_low=lo, ci_high=hi, p_value=p_value, test=test)
 
 
 def _parts(p: Preds) -> list[tuple[float, np.ndarray]]:
-    t, s = _one_vs_rest(p["target"], p["score"])
+    t, s = one_vs_rest(p["target"], p["score"])
     return [delong_components(t[:, k], s[:, k]) for k in range(t.shape[1])]
 
 

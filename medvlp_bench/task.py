@@ -36,11 +36,14 @@ class EvalContext:
     def cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Frozen-encoder outputs are the same for every label fraction: compute once per weights and data.
 
-        Only used for frozen protocols; the cache holds a few entries and lives for the process (a bench).
+        Only used for frozen protocols; the cache holds a few entries and lives for the process (a bench), so
+        it is shared by every task evaluated there. ``name`` must therefore identify the data completely
+        (``MedDataModule.cache_key``: every preprocessing setting); precision and device are added here,
+        since bf16 features are not fp32 features.
         """
         if self.weights_key is None:
             return compute()
-        key = (self.weights_key, name)
+        key = (self.weights_key, f"{name}|{self.precision}|{self.device}")
         if key not in _FEATURE_CACHE:
             while len(_FEATURE_CACHE) >= _FEATURE_CACHE_SIZE:
                 _FEATURE_CACHE.pop(next(iter(_FEATURE_CACHE)))

@@ -5,7 +5,9 @@ the validation split and the test split; features are standardised with statisti
 split (labels unused) and a linear head is trained with AdamW and early stopping on validation loss; the
 best-validation head is tested. Fine-tune: the same head on top of the encoder, trained end to end with a
 lower learning rate for the encoder and training-time augmentation. Both report AUROC (macro, and per
-class for multi-label), accuracy and F1 from torchmetrics, as separate protocol rows.
+class for multi-label), accuracy and F1 from ``medvlp_bench.metrics``, as separate protocol rows; classes
+with no positive or no negative in the test split are left out of the macro averages and named in the
+cell's ``left_out_classes``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchmetrics.functional as tmf
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from medvlp_bench import metrics
 from medvlp_bench.augment import BatchAugment
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.method import Method
@@ -110,28 +112,20 @@ class _Classifier(L.LightningModule):
 def classification_metrics(
     probs: Tensor, target: Tensor, task_type: str, class_names: list[str], per_class: bool = True
 ) -> dict[str, float]:
-    """AUROC (macro), accuracy and F1 (macro) with torchmetrics; per-class AUROC for multi-label."""
-    out: dict[str, float] = {}
-    if task_type == "multilabel":
-        k = probs.shape[1]
-        y = target.long()
-        out["auroc"] = tmf.auroc(probs, y, task="multilabel", num_labels=k, average="macro").item()
-        out["acc"] = tmf.accuracy(probs, y, task="multilabel", num_labels=k, average="macro").item()
-        out["f1"] = tmf.f1_score(probs, y, task="multilabel", num_labels=k, average="macro").item()
-        if per_class:
-            per = tmf.auroc(probs, y, task="multilabel", num_labels=k, average="none")
-            out.update({f"auroc/{n}": v.item() for n, v in zip(class_names, per)})
-    elif task_type == "multiclass":
-        k = probs.shape[1]
-        y = target.long()
-        out["auroc"] = tmf.auroc(probs, y, task="multiclass", num_classes=k, average="macro").item()
-        out["acc"] = tmf.accuracy(probs, y, task="multiclass", num_classes=k, average="micro").item()
-        out["f1"] = tmf.f1_score(probs, y, task="multiclass", num_classes=k, average="macro").item()
-    else:
-        p, y = probs.view(-1), target.view(-1).long()
-        out["auroc"] = tmf.auroc(p, y, task="binary").item()
-        out["acc"] = tmf.accuracy(p, y, task="binary").item()
-        out["f1"] = tmf.f1_score(p, y, task="binary").item()
+    """AUROC (macro), accuracy and F1 from ``medvlp_bench.metrics``, the functions ``compare`` and ``report``
+    use on the saved predictions; per-class AUROC for multi-label, for the classes that have one.
+
+    Classes with no positive or no negative in the split are left out of the macro averages and have no
+    per-class row (``metrics.left_out_classes`` names them).
+    """
+    y, s = target.detach().cpu().numpy(), probs.detach().cpu().numpy()
+    found = metrics.classification_type(y, s)
+    if found != task_type and (task_type, found) != ("multilabel", "binary"):  # one label: scored as binary
+        raise ValueError(f"predictions of shape {s.shape} for targets {y.shape} are {found}, not {task_type}")
+    out = {m: metrics.classification_metric({"target": y, "score": s}, m) for m in metrics.CLASSIFICATION_METRICS}
+    if per_class and task_type == "multilabel":
+        per = metrics.auroc_per_class(y, s)
+        out.update({f"auroc/{n}": float(v) for n, v in zip(class_names, per) if np.isfinite(v)})
     return out
 
 
@@ -180,10 +174,14 @@ class Classification(Task):
             trainer.predict(plan.model, plan.test, ckpt_path=ckpt.best_model_path or None, weights_only=True)
         )
         target = plan.test_target
-        metrics = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
+        scores = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
         preds = {"id": np.asarray(plan.test_ids), "target": target.numpy(), "score": probs.numpy()}
-        extra = {"epochs_trained": trainer.current_epoch, "best_val_loss": float(ckpt.best_model_score or np.nan)}
-        return TaskResult(metrics, n_test=len(target), predictions=preds, subset_ids=subset, extra=extra)
+        extra = {
+            "epochs_trained": trainer.current_epoch,
+            "best_val_loss": float(ckpt.best_model_score or np.nan),
+            "left_out_classes": metrics.left_out_classes(preds["target"], preds["score"], dm.class_names),
+        }
+        return TaskResult(scores, n_test=len(target), predictions=preds, subset_ids=subset, extra=extra)
 
     # ---- protocols -------------------------------------------------------------------------------
     def _linear(self, method: Method, ctx: EvalContext, subset: list[str]) -> _Plan:

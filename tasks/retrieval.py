@@ -10,7 +10,7 @@ whose exact text occurs more than once is recorded as ``duplicate_report_fractio
 Ranks are computed directly instead of with torchmetrics' ``RetrievalRecall``: the paired tests need each
 query's rank (saved as predictions), the median rank is not a torchmetrics metric, and the flattened
 N x N index tensors torchmetrics expects grow quadratically. Ties are broken at random in expectation
-(mid-rank, see ``medvlp_bench.stats.recall_at_k``), so a constant scorer gets the chance value k/N; the
+(mid-rank, see ``medvlp_bench.metrics.recall_at_k``), so a constant scorer gets the chance value k/N; the
 tests check agreement with torchmetrics on tie-free scores.
 """
 
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.method import Method
-from medvlp_bench.stats import metric_value
+from medvlp_bench.metrics import metric_value
 from medvlp_bench.task import EvalContext, Task, TaskResult, extract
 
 

@@ -10,8 +10,10 @@ Scoring: ``DiceMetric`` per sample and class, background excluded unless ``inclu
 evaluation region (``regions``: BraTS WT/TC/ET as unions of labels). ``ignore_empty: false`` (default)
 follows BraTS: an empty ground truth scores 1 if the prediction is empty too and 0 otherwise, so false
 positives on lesion-free images count. Reported Dice per class = mean over samples, ``dice`` = mean over
-classes. Optional HD95 (``HausdorffDistanceMetric``, voxel units) averages the cases where both sides are
-non-empty. Per-sample per-class Dice is returned as predictions for paired tests.
+classes (a class with no defined Dice, e.g. empty everywhere under ``ignore_empty``, is left out and named in
+``left_out_classes``). Optional HD95 (``HausdorffDistanceMetric``, voxel units) averages the cases where both
+sides are non-empty. Per-sample per-class Dice is returned as predictions for paired tests; every summary
+comes from ``medvlp_bench.metrics``, as in ``compare``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from medvlp_bench.augment import BatchAugment
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.decoders import SegDecoder
 from medvlp_bench.method import Method
-from medvlp_bench.stats import metric_value
+from medvlp_bench.metrics import metric_value, segmentation_left_out
 from medvlp_bench.task import EvalContext, Task, TaskResult, state_checksum
 
 
@@ -284,6 +286,7 @@ class Segmentation(Task):
         extra = {
             "epochs_trained": trainer.current_epoch,
             "best_val": float(ckpt.best_model_score if ckpt.best_model_score is not None else np.nan),
+            "left_out_classes": segmentation_left_out(preds),
         }
         return TaskResult(metrics, n_test=len(preds["id"]), predictions=preds, subset_ids=subset, extra=extra)
 

@@ -13,7 +13,8 @@ negative lists.
 
 Cosines are scaled by ``logit_scale`` (100, CLIP's cap) before the softmax; this changes the probabilities
 but not the ranking, so AUROC and the thresholded metrics do not depend on it. Metrics are computed by the
-same function as the classification task (``tasks.classification.classification_metrics``).
+same function as the classification task (``tasks.classification.classification_metrics``, i.e.
+``medvlp_bench.metrics``); classes left out of the macro averages are named in ``left_out_classes``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medvlp_bench import metrics
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.method import Method
 from medvlp_bench.task import EvalContext, Task, TaskResult, extract
@@ -107,11 +109,14 @@ class ZeroShot(Task):
         target = test["label"]
         if dm.task_type == "binary":
             probs = probs.view(-1)
-        metrics = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
-        missing = set(self.metrics) - set(metrics)
+        scores = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
+        missing = set(self.metrics) - set(scores)
         if missing:
             raise ValueError(
-                f"task declares metrics {sorted(missing)} that zero-shot does not produce: {sorted(metrics)}"
+                f"task declares metrics {sorted(missing)} that zero-shot does not produce: {sorted(scores)}"
             )
         preds = {"id": np.asarray(test["id"]), "target": target.numpy(), "score": probs.numpy()}
-        return TaskResult(metrics, n_test=len(target), predictions=preds, subset_ids=None)
+        left_out = metrics.left_out_classes(preds["target"], preds["score"], dm.class_names)
+        return TaskResult(
+            scores, n_test=len(target), predictions=preds, subset_ids=None, extra={"left_out_classes": left_out}
+        )

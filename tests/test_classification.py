@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -90,3 +91,40 @@ def test_finetune_trains_a_copy(setup: tuple) -> None:
     before = state_checksum(method)
     res = task.evaluate(method, _ctx(tmp))
     assert state_checksum(method) == before and 0.0 <= res.metrics["auroc"] <= 1.0
+
+
+@pytest.mark.parametrize("setting", [{"intensity": {"type": "none"}}, {"spatial": "pad_crop"}])
+def test_feature_cache_keeps_tasks_that_differ_only_in_preprocessing_apart(
+    setting: dict, tmp_path: Path, phantom_cache: Path
+) -> None:
+    """Two tasks on the same files, one process, one set of weights: a preprocessing setting held in a dict
+    (intensity) or an object (``Preprocess``: spatial, roi, orientation) must give each its own features."""
+    from medvlp_bench.datasets.imagefolder import ImageFolder
+    from medvlp_bench.methods.scratch import Scratch
+    from tests.fixtures_writer import imagefolder
+
+    imagefolder(tmp_path / "data", with_val=True)
+    torch.manual_seed(0)
+    method = Scratch(build_image_encoder("resnet_tiny", spatial_dims=2))
+
+    def test_features(weights_key: str | None, **kw: object) -> torch.Tensor:
+        dm = ImageFolder(str(tmp_path / "data"), size=16, batch_size=4, **kw)
+        task = Classification(dm, metrics=["auroc", "acc", "f1"], primary="auroc", label_fraction=1.0)
+        ctx = EvalContext(make_trainer=L.Trainer, seed=0, work_dir=tmp_path, weights_key=weights_key)
+        plan = task._linear(method, ctx, dm.subset_ids(1.0, 0))  # extracts (or takes cached) features
+        return plan.test.dataset.features
+
+    key = f"cache-test-{setting}"
+    first = test_features(key)  # default preprocessing, cached under the weights key
+    second = test_features(key, **setting)  # same weights, same files, other preprocessing
+    assert not torch.allclose(first, second)
+    assert torch.equal(second, test_features(None, **setting))  # what it gets without any cache
+    assert torch.equal(first, test_features(key))  # and the first task still gets its own from the cache
+
+
+def test_feature_cache_separates_precisions(tmp_path: Path) -> None:
+    calls: list[str] = []
+    for precision in ("32-true", "bf16-mixed", "32-true"):
+        ctx = EvalContext(L.Trainer, seed=0, work_dir=tmp_path, precision=precision, weights_key="precision-test")
+        ctx.cached("data/split", lambda p=precision: calls.append(p) or {"out": p})
+    assert calls == ["32-true", "bf16-mixed"]

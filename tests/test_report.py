@@ -8,6 +8,7 @@ report is tested against the same files a real ``medbench bench`` leaves behind.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import struct
@@ -148,3 +149,17 @@ def test_medbench_report_verb_passes_options_through(tmp_path: Path) -> None:
     root = write_results(tmp_path, {"clip": 1.6, "scratch": 0.6}, predictions=False, seeds=(0,))
     assert main(["report", "--results", str(root), "--out", str(tmp_path / "cli-out")]) == 0
     assert (tmp_path / "cli-out" / "index.html").is_file()
+
+
+def test_report_names_classes_left_out_of_macro_averages(tmp_path: Path) -> None:
+    root = write_results(tmp_path, METHODS, seeds=(0, 1))
+    cell = root / "runs" / f"{cell_name('clip', TASK, 'linear', 0.1, 1)}.json"
+    payload = json.loads(cell.read_text())
+    cell.write_text(json.dumps(payload | {"left_out_classes": {"nodule": "no positive in the evaluated split"}}))
+    assert main_report(["--results", str(root), "--n-boot", "50"]) == 0
+    page = (root / "report" / "index.html").read_text()
+    notes = re.findall(r'<p class="note">([^<]*)</p>', page)
+    assert [n for n in notes if "nodule" in n] == [
+        f"{cell.stem}: macro averages leave out 1 class(es) (nodule: no positive in the evaluated split)"
+    ]
+    assert "clipped to the metric's range" in page

@@ -174,3 +174,12 @@ def test_main_compare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert out.splitlines()[0].startswith("task,protocol") and "pooled" in out
     assert stats.main_compare(["good", "bad", "tsk=toy", "--results", str(results)]) == 2
     assert "bad option" in capsys.readouterr().err
+
+
+def test_delong_auc_interval_stays_in_unit_range() -> None:
+    # positives .9 .8 .3, negatives .4 .2 .1: V10 = [1, 1, 2/3], V01 = [2/3, 1, 1] -> AUC 8/9,
+    # S10 = S01 = 1/27 -> var = 2/81, se = sqrt(2)/9; 8/9 + 1.96 se = 1.197 leaves [0, 1] and is clipped to 1
+    y = np.array([1, 1, 1, 0, 0, 0])
+    row = stats.delong(y, np.array([0.9, 0.8, 0.3, 0.4, 0.2, 0.1])).iloc[0]
+    assert row["auc_a"] == pytest.approx(8 / 9) and row["se"] == pytest.approx(math.sqrt(2) / 9)
+    assert row["ci_low"] == pytest.approx(8 / 9 - 1.959964 * math.sqrt(2) / 9) and row["ci_high"] == 1.0
