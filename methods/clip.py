@@ -8,12 +8,13 @@ with gradients (open_clip's ``ClipLoss``). Works with 2D and 3D encoders alike.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medvlp_bench.config import ConfigError
 from medvlp_bench.encoders import ImageEncoder
 from medvlp_bench.losses import clip_loss
 from medvlp_bench.method import Method, ProjectionHead
@@ -45,6 +46,18 @@ class CLIP(Method):
 
     def embed_text(self, text: dict[str, Tensor]) -> Tensor:
         return F.normalize(self.text_proj(self.text_encoder(**text).pooled), dim=-1)
+
+    def corpus_stats(self, datamodule: Any) -> dict[str, Any]:
+        """Refuse a corpus without reports (a folder of images) before any step, naming the ways out."""
+        manifest = getattr(datamodule, "manifest", None)
+        if manifest is not None and "report" not in manifest.columns:
+            name = getattr(datamodule, "name", "the corpus")
+            raise ConfigError(
+                f"clip pre-trains on image-report pairs and the corpus {name!r} has no reports: choose one that "
+                "has them with data=<corpus> (e.g. data=image_text_csv data.root=/data/pairs), evaluate given "
+                "weights with ckpt=<folder>, or use a method that needs no reports (scratch, gtgm)"
+            )
+        return {}
 
     def pretrain_step(self, batch: Batch) -> dict[str, Tensor]:
         img = self.embed_image(batch["image"])
