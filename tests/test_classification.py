@@ -128,3 +128,25 @@ def test_feature_cache_separates_precisions(tmp_path: Path) -> None:
         ctx = EvalContext(L.Trainer, seed=0, work_dir=tmp_path, precision=precision, weights_key="precision-test")
         ctx.cached("data/split", lambda p=precision: calls.append(p) or {"out": p})
     assert calls == ["32-true", "bf16-mixed"]
+
+
+def test_cache_key_covers_every_data_setting_but_loader_ones(tmp_path: Path) -> None:
+    from medvlp_bench.datasets.imagefolder import ImageFolder
+    from tests.fixtures_writer import imagefolder
+
+    imagefolder(tmp_path)
+
+    def key(**kw: object) -> str:
+        return ImageFolder(str(tmp_path), **{"size": 16, **kw}).cache_key()
+
+    base = key()
+    assert key(batch_size=3, eval_batch_size=5, num_workers=0, pin_memory=True) == base  # how, not what, is loaded
+    others = [
+        key(intensity={"type": "divide", "value": 255.0}),  # a dict
+        key(spatial="pad_crop"),  # inside the Preprocess object, as roi and orientation are
+        key(roi=[16, 12]),
+        key(exclude=["train/normal/normal_1.png"]),  # a set, and a manifest without that row
+        key(augment={"rotate": 0.3}),
+        key(size=24),
+    ]
+    assert len({base, *others}) == len(others) + 1
