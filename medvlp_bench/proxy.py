@@ -67,16 +67,19 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def retrieval_hits(img: Tensor, txt: Tensor, ks: tuple[int, ...] = KS) -> dict[str, Any]:
-    """R@k both ways for paired, L2-normalised embeddings (pair i = row i), with mid-rank ties.
+    """R@k both ways for paired, L2-normalised embeddings (pair i = row i), ties broken at random in
+    expectation (``metrics.recall_at_k``, the same rule as the retrieval rows).
 
-    Returns ``i2t_r{k}``, ``t2i_r{k}`` (fractions), ``hits`` (R@max(k) hit counts, both ways) and ``n``.
+    Returns ``i2t_r{k}``, ``t2i_r{k}`` (fractions), ``hits`` (expected R@max(k) hits, both ways, rounded)
+    and ``n``.
     """
+    from medvlp_bench.metrics import recall_at_k
     from medvlp_bench.tasks.retrieval import true_match_ranks
 
     sim = img.float() @ txt.float().T
-    ranks = {"i2t": true_match_ranks(sim)[0], "t2i": true_match_ranks(sim.T)[0]}
-    out: dict[str, Any] = {f"{d}_r{k}": float(np.mean(r <= k)) for d, r in ranks.items() for k in ks}
-    out["hits"] = int(sum(int(np.sum(r <= max(ks))) for r in ranks.values()))
+    ranks = {"i2t": true_match_ranks(sim), "t2i": true_match_ranks(sim.T)}
+    out: dict[str, Any] = {f"{d}_r{k}": float(np.mean(recall_at_k(r, t, k))) for d, (r, t) in ranks.items() for k in ks}
+    out["hits"] = round(sum(float(np.sum(recall_at_k(r, t, max(ks)))) for r, t in ranks.values()))
     out["n"] = len(img)
     return out
 
