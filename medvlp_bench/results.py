@@ -40,6 +40,8 @@ LEADERBOARD_COLUMNS = [
     "ci95_low",
     "ci95_high",
     "seeds",
+    "learned",
+    "text_encoder",
 ]
 
 
@@ -68,6 +70,10 @@ class ResultRow:
     subset_sha256: str | None = None
     #: ``Method.version`` of the evaluated method; rows written before versions existed read as 1
     method_version: int = 1
+    #: the pre-training proxy beat its chance level (``medvlp_bench.proxy``); None: no pre-training or no proxy
+    learned: bool | None = None
+    #: the text tower the method was built with (config name or path); None: no text tower
+    text_encoder: str | None = None
 
 
 def cell_name(method: str, task: str, protocol: str, label_fraction: float, seed: int) -> str:
@@ -177,6 +183,8 @@ def build_leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
             ci95_low=lo,
             ci95_high=hi,
             seeds=" ".join(str(s) for s in sorted(g["seed"].unique())),
+            learned=_all_learned(g["learned"]),
+            text_encoder="+".join(sorted({str(t) for t in g["text_encoder"] if isinstance(t, str)})) or None,
         )
         out.append(rec)
     lb = pd.DataFrame(out, columns=LEADERBOARD_COLUMNS)
@@ -186,11 +194,20 @@ def build_leaderboard(rows: pd.DataFrame) -> pd.DataFrame:
     return lb.drop(columns=["_rank", "_primary"]).reset_index(drop=True)
 
 
+def _all_learned(flags: pd.Series) -> bool | None:
+    """False if any seed's pre-training did not beat its proxy's chance level, True if all did, else None."""
+    known = [bool(f) for f in flags if isinstance(f, bool | np.bool_)]
+    if not known:
+        return None
+    return all(known)
+
+
 def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
     """Compact markdown table: one line per (task, protocol, fraction, method) with mean ± std and CI.
 
     A method or task at a version other than 1 is shown as ``name vN``, so lines of two versions (separate
-    groups in ``build_leaderboard``) can be told apart.
+    groups in ``build_leaderboard``) can be told apart. A line whose pre-training did not beat its proxy's
+    chance level on some seed (``learned`` false) is marked ``(not learned)``.
     """
     if lb.empty:
         return "_no results yet_\n"
@@ -204,7 +221,7 @@ def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
         ci = "" if math.isnan(r.ci95_low) else f"[{r.ci95_low:.3f}, {r.ci95_high:.3f}]"
         lines.append(
             f"| {_named(r.task, r.task_version)} | {r.protocol} | {r.label_fraction:g} | "
-            f"{_named(r.method, r.method_version)} | {r.metric} | "
+            f"{_named(r.method, r.method_version)}{' (not learned)' if r.learned is False else ''} | {r.metric} | "
             f"{r.mean:.3f}{std} | {ci} | {r.n_seeds} |"
         )
     return "\n".join(lines) + "\n"

@@ -105,3 +105,48 @@ def test_pretraining_records_the_proxy_and_its_curve(workdir: Path) -> None:
     assert all(0.0 <= v <= 1.0 for v in info["values"].values())
     assert isinstance(info["learned"], bool) and 0.0 <= info["p_value"]["all"] <= 1.0
     assert math.isclose(info["values"]["i2t_r1"], info["curve"][-1]["i2t_r1"])
+
+
+def test_rows_carry_learned_and_the_text_tower(workdir: Path) -> None:
+    from helpers import TINY
+
+    from medvlp_bench.run import run_cell
+
+    common = ["task=phantom_cxr_cls", "task.data.size=32", "task.label_fraction=0.5", *TINY, *tiny_data()]
+    clip_rows = run_cell(["method=clip", *common])
+    (ckpt_cfg,) = (workdir / "cache" / "checkpoints").glob("clip__*/config.json")
+    learned = json.loads(ckpt_cfg.read_text())["proxy"]["learned"]
+    assert isinstance(learned, bool)
+    assert {r.learned for r in clip_rows} == {learned}
+    assert {r.text_encoder for r in clip_rows} == {"bert_tiny"}
+    (cell,) = (workdir / "results" / "runs").glob("*clip*.json")
+    stored = json.loads(cell.read_text())["pretraining"]
+    assert stored["proxy"]["kind"] == "retrieval" and "curve" not in stored["proxy"] and stored["encoder_shift"] > 0
+
+    scratch_rows = run_cell(["method=scratch", *common])
+    assert {r.learned for r in scratch_rows} == {None} and {r.text_encoder for r in scratch_rows} == {None}
+
+
+def test_leaderboard_marks_lines_whose_pretraining_did_not_learn() -> None:
+    import pandas as pd
+
+    from medvlp_bench.results import build_leaderboard, leaderboard_markdown
+
+    base = dict(
+        impl_source="baseline", task="t", task_version=1, kind="classification", spatial_dims=2, protocol="linear",
+        label_fraction=0.01, metric="auroc", higher_is_better=True, primary=True, date="2026-01-01",
+        method_version=1, text_encoder="bert_tiny",
+    )  # fmt: skip
+    rows = pd.DataFrame(
+        [
+            {**base, "method": "a", "seed": 0, "value": 0.6, "learned": True},
+            {**base, "method": "a", "seed": 1, "value": 0.7, "learned": False},
+            {**base, "method": "b", "seed": 0, "value": 0.8, "learned": True},
+            {**base, "method": "c", "seed": 0, "value": 0.5, "learned": None, "text_encoder": None},
+        ]
+    )
+    lb = build_leaderboard(rows).set_index("method")
+    assert lb.loc["a", "learned"] is False or lb.loc["a", "learned"] == False  # noqa: E712 (numpy bool)
+    assert lb.loc["b", "learned"] == True and lb.loc["c", "learned"] is None  # noqa: E712
+    md = leaderboard_markdown(build_leaderboard(rows))
+    assert "| a (not learned) |" in md and "| b |" in md and "| c |" in md
