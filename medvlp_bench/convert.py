@@ -97,6 +97,8 @@ BRAINMVP = KeyMap(
 GTGM = KeyMap(
     rules=(
         (r"(?:encoder\.)?swinViT\.(.+)", r"image_encoder.net.\1"),  # ResNet_CXRBert.encoder = SwinUNETR
+        # SwinUNETR(for_pretrain=True)'s pre-training head: encoder10 on the deepest stage, head() = pool + linear
+        (r"(?:encoder\.)?(encoder10|linear)\.(.+)", r"image_head.\1.\2"),
         (r"((?:patch_embed|layers[1-4]c?)\..+)", r"image_encoder.net.\1"),  # bare Swin trunk (MONAI SSL layout)
         (r"(?:encoder\.|backbone\.)?((?:conv1|bn1|layer[1-4])\..+)", r"image_encoder.net.\1"),  # 3D ResNet
         (r"proj_v\.(.+)", r"image_proj.\1"),
@@ -104,12 +106,21 @@ GTGM = KeyMap(
         (r"lm_model\.(.+)", r"text_encoder.model.\1"),  # BioBERT (AutoModel)
     ),
     ignore=(
-        (r"(?:encoder\.)?(?:encoder\d+|decoder\d+|out)\..+", "SwinUNETR's UNETR path (all share SegDecoder)"),
+        (r"(?:encoder\.)?(?:encoder[1-4]|decoder\d+|out)\..+", "SwinUNETR's UNETR path (all share SegDecoder)"),
         (r"(?:encoder\.|backbone\.)?fc\..+", "ResNet classifier"),
         (r"lm_model\.embeddings\.position_ids", "constant buffer (not saved by current transformers)"),
     ),
+    keep_init=(
+        (
+            r"image_head\.encoder10\.layer\.norm\d\..+",
+            "the CPU default head_norm=batch; the release's instance norm has no parameters "
+            "(pass method.model.head_norm=instance for a released file)",
+        ),
+    ),
     data="phantom_ct",
     signatures=((r"(?:encoder\.)?swinViT\..+", "SwinUNETR"), (r"(?:encoder\.|backbone\.)?layer1\..+", "3D ResNet")),
+    # the released trunk is the paper-size SwinUNETR (feature_size 48); gtgm.yaml's default is the CPU swin_small
+    encoders=((r"(?:encoder\.)?swinViT\..+", "swin_unetr"),),
 )
 
 MAPPINGS: dict[str, KeyMap] = {"brainmvp": BRAINMVP, "gtgm": GTGM}

@@ -268,6 +268,13 @@ PRESETS: dict[str, tuple[type[ImageEncoder], dict[str, Any]]] = {
     "vit_s16": (ViTEncoder, {"patch_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_layers": 12, "num_heads": 6}),
     "vit_b16": (ViTEncoder, {"patch_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}),
     "swin_tiny": (SwinEncoder, {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}),
+    # CPU default of gtgm / scratch_swin: GTGM's depths at a quarter of SwinUNETR's width, 4^3 windows (they tile
+    # the 16/8/4 grids of a 32^3 input; 7^3 windows pad 16^3 to 21^3 and cost 7x the FLOPs). 3D: 0.52M params,
+    # 0.11 GFLOP per 32^3 volume (resnet_small: 0.90M, 0.07 GFLOP; swin_unetr: 8.3M, 4.7 GFLOP).
+    "swin_small": (
+        SwinEncoder,
+        {"feature_size": 12, "depths": (2, 4, 2, 2), "num_heads": (1, 2, 4, 8), "window_size": 4},
+    ),
     "swin_unetr": (SwinEncoder, {"feature_size": 48, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)}),
     "brainmvp_unet_tiny": (BrainUNetEncoder, {"init_channels": 8}),
     "brainmvp_unet": (BrainUNetEncoder, {"init_channels": 32}),  # the BrainMVP_unet.pt release

@@ -45,20 +45,36 @@ class Tokenizer:
 class TextEncoder(nn.Module):
     """Wraps a transformers encoder: pooled sentence vector (mean or CLS) plus token states."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, pooling: str = "mean", freeze_layers: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        pooling: str = "mean",
+        freeze_layers: int = 0,
+        freeze_embeddings: bool | None = None,
+    ):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
         self.out_dim = int(model.config.hidden_size)
-        self.freeze_first_layers(freeze_layers)
+        self.freeze_first_layers(freeze_layers, freeze_embeddings)
 
-    def freeze_first_layers(self, n: int) -> None:
-        """Freeze the embeddings and the first ``n`` transformer layers (n <= 0 freezes nothing)."""
+    def freeze_first_layers(self, n: int, embeddings: bool | None = None) -> None:
+        """Freeze the first ``n`` transformer layers and, if ``embeddings``, the embedding block.
+
+        ``embeddings=None`` keeps the historical coupling (embeddings frozen whenever ``n > 0``); methods that
+        follow a release say which they freeze: GTGM's code freezes ``encoder.layer[:6]`` and trains the
+        embeddings.
+        """
+        if embeddings if embeddings is not None else n > 0:
+            self.model.embeddings.requires_grad_(False)
         if n <= 0:
             return
-        self.model.embeddings.requires_grad_(False)
-        for layer in self.model.encoder.layer[:n]:
+        layers = self.model.encoder.layer
+        if n > len(layers):
+            raise ValueError(f"freeze_layers={n} but the text encoder has {len(layers)} layers; use 0..{len(layers)}")
+        for layer in layers[:n]:
             layer.requires_grad_(False)
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -99,6 +115,7 @@ def build_text_encoder(
     pooling: str = "mean",
     max_length: int = 128,
     freeze_layers: int = 0,
+    freeze_embeddings: bool | None = None,
     hidden: int = 128,
     layers: int = 2,
     heads: int = 2,
@@ -108,6 +125,8 @@ def build_text_encoder(
     Args:
         name: ``minilm`` (bundled pretrained), ``bert_tiny`` (random init, MiniLM vocabulary) or a local
             directory with a Hugging Face model and tokenizer.
+        freeze_layers: the first N transformer layers get no gradient.
+        freeze_embeddings: whether the embedding block gets none either; None: frozen iff ``freeze_layers > 0``.
         hidden, layers, heads: sizes of ``bert_tiny`` only.
     """
     from transformers import AutoModel, AutoTokenizer
@@ -127,7 +146,13 @@ def build_text_encoder(
         if hasattr(model, "pooler") and model.pooler is not None:
             model.pooler = None  # unused: pooling is done here, and an unused head breaks DDP
     hf_tok = AutoTokenizer.from_pretrained(str(vocab_dir), local_files_only=True)
-    return TextEncoder(model, Tokenizer(hf_tok, max_length), pooling=pooling, freeze_layers=freeze_layers)
+    return TextEncoder(
+        model,
+        Tokenizer(hf_tok, max_length),
+        pooling=pooling,
+        freeze_layers=freeze_layers,
+        freeze_embeddings=freeze_embeddings,
+    )
 
 
 @torch.no_grad()

@@ -2,16 +2,21 @@
 
 Volumes come without reports, so text is generated from the pixels (``gtgm_textgen``: the offline ``describe``
 backend by default, or a local Hugging Face captioner/LM) once per volume and cached on disk. Per step, two
-augmented crops v1, v2 of each volume are encoded by the Swin trunk (pooled features f1, f2) and projected
-(Linear -> BN -> ReLU -> Linear -> non-affine BN) next to the projected text t:
+views v1, v2 of each volume (``gtgm_views``: random crop, then one of flip / rotation / intensity / noise / blur)
+go through the Swin trunk and the released pre-training head (``GTGMHead``: the ``encoder10`` residual conv
+block on the deepest stage, global average pooling, a Linear to ``head_dim`` = 2048), giving h1, h2. Both
+h's are projected (Linear -> BN -> ReLU -> Linear -> non-affine BN) next to the projected text t:
 
-    L = CLIP(v1, t) + CLIP(v2, t) + bt_weight * BT(f1, f2)
+    L = CLIP(P(h1), t) + CLIP(P(h2), t) + bt_weight * BT(h1, h2)
 
 CLIP is the symmetric InfoNCE at a fixed temperature, summed over both directions (the released code adds
 image->text and text->image cross-entropies); negatives are gathered across ranks (the released code uses
-per-GPU negatives only). BT is the released code's Barlow-Twins term on the raw pooled features:
-C = f1^T f2 / N, BT = (sum_i (1 - C_ii)^2 + w * sum_{i != j} C_ij^2) / 2, w = 0.0051; ``bt_standardize``
+per-GPU negatives only). BT is the released code's Barlow-Twins term on the raw head outputs:
+C = h1^T h2 / N, BT = (sum_i (1 - C_ii)^2 + w * sum_{i != j} C_ij^2) / 2, w = 0.0051; ``bt_standardize``
 switches to the Barlow Twins paper's batch-standardised form (``losses.barlow_twins``).
+
+The head is pre-training only, like the projections: probes and decoders read the trunk (``encode_image``,
+``image_features``), exactly as they read ``scratch_swin``'s, so the comparison is about the weights.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -30,6 +36,7 @@ from medvlp_bench.encoders import ImageEncoder
 from medvlp_bench.losses import barlow_twins, clip_loss
 from medvlp_bench.method import Method
 from medvlp_bench.methods.gtgm_textgen import TextSource, build_generator
+from medvlp_bench.methods.gtgm_views import ViewMaker
 from medvlp_bench.text import TextEncoder
 from medvlp_bench.types import Batch
 
@@ -59,22 +66,54 @@ def cross_correlation_loss(z1: Tensor, z2: Tensor, off_diagonal_weight: float = 
     return (on + off_diagonal_weight * off) / 2
 
 
+class GTGMHead(nn.Module):
+    """The released pre-training head (``SwinUNETR(for_pretrain=True)``: ``encoder10`` then ``head()``).
+
+    ``encoder10`` is MONAI's residual ``UnetrBasicBlock`` (3x3 conv, norm, LeakyReLU, 3x3 conv, norm, + input,
+    LeakyReLU) on the deepest, LayerNorm-ed Swin stage; ``head()`` averages it over space and maps it with a
+    Linear to ``out_dim`` (2048). Attribute names follow the release, so ``medbench convert gtgm`` loads
+    ``encoder.encoder10.*`` and ``encoder.linear.*`` into ``image_head.*`` by name.
+
+    ``norm``: ``instance`` as released (its 32x160x160 input leaves a 1x5x5 map); instance statistics over a
+    single voxel are undefined, so a map of one voxel (a 32^3 input) needs ``batch``.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, out_dim: int = 2048, norm: str = "instance") -> None:
+        super().__init__()
+        self.norm = norm
+        self.encoder10 = UnetrBasicBlock(spatial_dims, channels, channels, 3, 1, norm, res_block=True)
+        self.linear = nn.Linear(channels, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, deepest: Tensor) -> Tensor:
+        if self.norm == "instance" and deepest.shape[2:].numel() == 1:
+            raise ValueError(
+                f"method.model.head_norm=instance needs a deepest map of more than one voxel, got "
+                f"{tuple(deepest.shape[2:])} (input side < 64); set method.model.head_norm=batch"
+            )
+        return self.linear(self.encoder10(deepest).flatten(2).mean(-1))
+
+
 class GTGM(Method):
     """GTGM on a MONAI Swin trunk and a BERT-family text tower.
 
     Args:
         textgen: text generation settings: ``backend`` (describe | hf), ``seed``, ``cache_dir`` (None: no disk
             cache), ``context`` (overrides of the measurement context) and ``hf`` (HFGenerator arguments).
+        head_dim: output width of the released head (2048), the features of the projection and the BT term.
+        head_norm: the head's ``encoder10`` normalisation (``instance`` as released, ``batch``, ...: MONAI names).
         proj_hidden: hidden width of both projection heads (2048 in the paper); ``embed_dim`` is the output (512).
         temperature: fixed CLIP temperature (0.07, not learned).
         bt_weight, bt_off_diagonal, bt_standardize: the Barlow-Twins term's weight (0.01), off-diagonal weight
             (0.0051) and form (raw cross-correlation as released, or batch-standardised).
-        crop_fraction: side of each random crop as a fraction of the input's side.
-        flip_prob: per-axis flip probability, only on axes the generated text names no direction along.
-        intensity_scale, intensity_shift: per-view random intensity scale (1 +- s) and shift (+- s).
+        views: ``ViewMaker`` settings (crop_fraction, perturbations, pick, prob, flip_prob, intensity_scale,
+            intensity_shift, noise_std, blur_sigma); flips and rotations spare axes the text names directions
+            along.
     """
 
     impl_source: ClassVar[str] = "official-code"
+    #: 2: the released head (BT and projection on its output), released text freezing and views
+    version: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -82,34 +121,38 @@ class GTGM(Method):
         text_encoder: TextEncoder,
         *,
         textgen: Mapping[str, Any] | None = None,
+        head_dim: int = 2048,
+        head_norm: str = "instance",
         proj_hidden: int = 2048,
         temperature: float = 0.07,
         bt_weight: float = 0.01,
         bt_off_diagonal: float = 0.0051,
         bt_standardize: bool = False,
-        crop_fraction: float = 0.75,
-        flip_prob: float = 0.5,
-        intensity_scale: float = 0.1,
-        intensity_shift: float = 0.1,
+        views: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(image_encoder, text_encoder, **kw)
-        if not 0 < crop_fraction <= 1:
-            raise ValueError(f"method.model.crop_fraction must be in (0, 1], got {crop_fraction}")
-        self.image_proj = projection_head(image_encoder.out_dim, proj_hidden, self.embed_dim)
+        self.image_head = GTGMHead(image_encoder.spatial_dims, image_encoder.out_dim, head_dim, head_norm)
+        self.image_proj = projection_head(head_dim, proj_hidden, self.embed_dim)
         self.text_proj = projection_head(text_encoder.out_dim, proj_hidden, self.embed_dim)
         self.temperature, self.bt_weight = float(temperature), float(bt_weight)
         self.bt_off_diagonal, self.bt_standardize = float(bt_off_diagonal), bool(bt_standardize)
-        self.crop_fraction, self.flip_prob = float(crop_fraction), float(flip_prob)
-        self.intensity_scale, self.intensity_shift = float(intensity_scale), float(intensity_shift)
         cfg = OmegaConf.to_container(textgen, resolve=True) if isinstance(textgen, DictConfig) else textgen
         self.textgen_cfg: dict[str, Any] = dict(cfg or {})
+        vcfg = OmegaConf.to_container(views, resolve=True) if isinstance(views, DictConfig) else views
+        self.views_cfg: dict[str, Any] = dict(vcfg or {})
+        ViewMaker(image_encoder.spatial_dims, **self.views_cfg)  # bad settings fail at build time, not mid-fit
+        self._views: ViewMaker | None = None
         self._source: TextSource | None = None
         self._texts: dict[str, str] = {}
 
     # ---- joint space ---------------------------------------------------------------------------
+    def head_features(self, image: Tensor) -> Tensor:
+        """[B, head_dim] released head output: the features the projection and the Barlow-Twins term see."""
+        return self.image_head(self.image_features(image).maps[-1])
+
     def embed_image(self, image: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(self.encode_image(image)), dim=-1)
+        return F.normalize(self.image_proj(self.head_features(image)), dim=-1)
 
     def embed_text(self, text: dict[str, Tensor]) -> Tensor:
         return F.normalize(self.text_proj(self.text_encoder(**text).pooled), dim=-1)
@@ -130,6 +173,7 @@ class GTGM(Method):
         """
         dm = getattr(self.trainer, "datamodule", None)
         self._source = TextSource(build_generator(self.textgen_cfg, dm), self.textgen_cfg.get("cache_dir"))
+        self._views = None  # rebuilt for this corpus's direction words
         if dm is None or not hasattr(dm, "dataset"):
             return
         datasets = []
@@ -169,39 +213,27 @@ class GTGM(Method):
         return out
 
     # ---- views -----------------------------------------------------------------------------------
+    @property
+    def view_maker(self) -> ViewMaker:
+        """Built on first use: the axes the text names directions along are only known once texts are set up."""
+        if self._views is None:
+            fixed = self.text_source.generator.oriented_axes()
+            self._views = ViewMaker(self.image_encoder.spatial_dims, **self.views_cfg, fixed_axes=fixed)
+        return self._views
+
     def view(self, image: Tensor) -> Tensor:
-        """One view per sample: a random crop, flips along direction-free axes and an intensity change
-        (MONAI's RandSpatialCrop / RandFlip / RandScaleIntensity / RandShiftIntensity as batched torch ops);
-        in eval mode the centre crop only, so validation losses are comparable."""
-        b, spatial = image.shape[0], image.shape[2:]
-        crop = [max(1, round(s * self.crop_fraction)) for s in spatial]
-        fixed = set(self.text_source.generator.oriented_axes())
-        views = []
-        for x in image:
-            if self.training:
-                starts = [int(torch.randint(0, s - c + 1, ())) for s, c in zip(spatial, crop)]
-            else:
-                starts = [(s - c) // 2 for s, c in zip(spatial, crop)]
-            v = x[(slice(None), *(slice(a, a + c) for a, c in zip(starts, crop)))]
-            axes = [d + 1 for d in range(len(spatial)) if d not in fixed and bool(torch.rand(()) < self.flip_prob)]
-            views.append(v.flip(axes) if axes and self.training else v)
-        out = torch.stack(views)
-        if not self.training:
-            return out
-        shape = (b, 1) + (1,) * len(spatial)
-        scale = 1 + self.intensity_scale * (2 * torch.rand(shape, device=out.device, dtype=out.dtype) - 1)
-        shift = self.intensity_shift * (2 * torch.rand(shape, device=out.device, dtype=out.dtype) - 1)
-        return out * scale + shift
+        """One view per sample (``gtgm_views``); in eval mode the centre crop only, so val losses compare."""
+        return self.view_maker(image, train=self.training)
 
     # ---- objective -------------------------------------------------------------------------------
     def pretrain_step(self, batch: Batch) -> dict[str, Tensor]:
         tok = {k: v.to(self.device) for k, v in self.text_encoder.tokenizer(self.texts_for(batch)).items()}
         txt = self.embed_text(tok)
-        f1, f2 = self.encode_image(self.view(batch["image"])), self.encode_image(self.view(batch["image"]))
+        h1, h2 = self.head_features(self.view(batch["image"])), self.head_features(self.view(batch["image"]))
         scale = 1.0 / self.temperature
         # open_clip's ClipLoss averages the two directions; the released code adds them
-        clip1 = 2 * clip_loss(F.normalize(self.image_proj(f1), dim=-1), txt, scale)
-        clip2 = 2 * clip_loss(F.normalize(self.image_proj(f2), dim=-1), txt, scale)
-        bt = cross_correlation_loss(f1, f2, self.bt_off_diagonal, self.bt_standardize)
+        clip1 = 2 * clip_loss(F.normalize(self.image_proj(h1), dim=-1), txt, scale)
+        clip2 = 2 * clip_loss(F.normalize(self.image_proj(h2), dim=-1), txt, scale)
+        bt = cross_correlation_loss(h1, h2, self.bt_off_diagonal, self.bt_standardize)
         loss = clip1 + clip2 + self.bt_weight * bt
         return {"loss": loss, "clip_view1": clip1.detach(), "clip_view2": clip2.detach(), "barlow_twins": bt.detach()}

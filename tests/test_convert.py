@@ -33,6 +33,7 @@ from medvlp_bench.run import load_method
 #: our GTGM prefixes -> the authors' ``ResNet_CXRBert`` attribute names (pretrain/utils/utils_builder.py)
 GTGM_NAMES = {
     "image_encoder.net.": "encoder.swinViT.",
+    "image_head.": "encoder.",  # swin_unetr.py (for_pretrain=True): encoder10 and the head's linear
     "image_proj.": "proj_v.",
     "text_proj.": "proj_t.",
     "text_encoder.model.": "lm_model.",
@@ -69,8 +70,8 @@ def released_gtgm(gtgm_module: nn.Module, tmp_path_factory: pytest.TempPathFacto
     torch.manual_seed(123)
     state = gtgm_module.state_dict()
     ours = {k: v + torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in state.items()}
-    theirs = {"module." + _authors_name(k): v for k, v in ours.items()}
-    del theirs["module." + DROPPED]
+    theirs = {"module." + _authors_name(k): v for k, v in ours.items() if ".encoder10.layer.norm" not in k}
+    del theirs["module." + DROPPED]  # (the release's encoder10 uses InstanceNorm: no norm keys, as dropped here)
     theirs["module." + EXTRA] = torch.ones(2, 2)
     path = tmp_path_factory.mktemp("released") / "gtgm_checkpoint.pth"
     optimizer = {"state": {}, "param_groups": []}
@@ -95,8 +96,15 @@ def test_gtgm_release_converts_and_loads_through_the_project_loader(
     assert report["missing"] == [dropped_target]
     assert report["unexpected"] == [EXTRA]
     assert report["mismatched"] == [] and report["ignored"] == {} and report["channel_adaptations"] == []
-    assert prov["wrapper"] == ["model_state_dict"] and prov["prefixes_stripped"] == {"module.": len(ours)}
-    assert len(report["loaded"]) == len(ours) - 1
+    head_norms = [k for k in ours if ".encoder10.layer.norm" in k]
+    assert head_norms and sorted(report["kept_init"]) == sorted(head_norms)  # our CPU head_norm=batch statistics
+    assert prov["wrapper"] == ["model_state_dict"]
+    assert prov["prefixes_stripped"] == {"module.": len(ours) - len(head_norms)}
+    assert len(report["loaded"]) == len(ours) - 1 - len(head_norms)
+    assert (
+        report["loaded"]["encoder.encoder10.layer.conv1.conv.weight"] == "image_head.encoder10.layer.conv1.conv.weight"
+    )
+    assert report["loaded"]["encoder.linear.weight"] == "image_head.linear.weight"
     for source_key, target_key in report["loaded"].items():
         assert source_key == _authors_name(target_key)
         assert torch.equal(got[target_key], ours[target_key]), target_key
@@ -245,6 +253,8 @@ def test_uniformer_release_selects_uniformer_small_unless_an_encoder_is_named(tm
     assert encoder_override("brainmvp", ["conv1a.weight"], []) == ["method.model.image_encoder.name=brainmvp_unet"]
     assert encoder_override("brainmvp", keys, ["method.model.image_encoder.name=uniformer_tiny"]) == []
     assert encoder_override("gtgm", keys, []) == []
+    released_swin = ["encoder.swinViT.patch_embed.proj.weight", "encoder.linear.weight"]
+    assert encoder_override("gtgm", released_swin, []) == ["method.model.image_encoder.name=swin_unetr"]
 
     src = tmp_path / "BrainMVP_uniformer.pt"  # the released shapes (uniformer_small, 1 channel), stem only
     stem = {"module.encoder.uniformer.patch_embed1.proj.weight": torch.randn(64, 1, 2, 2, 2)}

@@ -1,4 +1,5 @@
-"""GTGM: Barlow-Twins term by hand, loss assembly, generated text (phantom lesions, determinism, cache, HF), fit."""
+"""GTGM: Barlow-Twins term by hand, the released head, loss assembly, views, text freezing, CPU size, generated text
+(phantom lesions, determinism, cache, HF), fit."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from monai.networks.blocks import UnetrBasicBlock
+from monai.transforms import OneOf, RandGaussianNoise, RandGaussianSmooth
 
 from medvlp_bench.config import compose, instantiate, tiny_overrides
 from medvlp_bench.datasets.phantoms import PhantomDataModule
+from medvlp_bench.encoders import count_parameters
 from medvlp_bench.losses import clip_loss
-from medvlp_bench.methods.gtgm import GTGM, cross_correlation_loss
+from medvlp_bench.methods.gtgm import GTGM, GTGMHead, cross_correlation_loss
 from medvlp_bench.methods.gtgm_textgen import NO_FINDING, TextSource, build_generator, measure
+from medvlp_bench.methods.gtgm_views import ViewMaker
 
 
 def test_barlow_twins_raw_matches_hand_computation() -> None:
@@ -39,7 +44,7 @@ def _method_and_data(
         "task.data.n_test=2",
         f"task.data.cache_dir={cache}",
         f"method.model.textgen.cache_dir={tmp / 'text'}",
-        "method.model.crop_fraction=0.75",
+        "method.model.views.crop_fraction=0.75",
         *tiny_overrides("gtgm"),
         *[f"{k}={v}" for k, v in extra.items()],
     ]
@@ -61,25 +66,133 @@ def test_loss_is_two_clip_terms_plus_weighted_barlow_twins(phantom_cache: Path, 
     torch.manual_seed(1)
     tok = m.text_encoder.tokenizer(m.texts_for(batch))
     txt = m.embed_text(tok)
-    v1 = torch.nn.functional.normalize(m.image_proj(m.encode_image(m.view(batch["image"]))), dim=-1)
+    v1 = torch.nn.functional.normalize(m.image_proj(m.head_features(m.view(batch["image"]))), dim=-1)
     assert out["clip_view1"].item() == pytest.approx(2 * clip_loss(v1, txt, 1 / 0.07).item(), rel=1e-4)
     # texts come from the pixels, never from the phantom reports
     assert all(t.startswith("scan") for t in m.texts_for(batch))  # no datamodule here: the generic context
     assert not set(m.texts_for(batch)) & set(batch["report"])
 
 
+def test_head_is_the_released_encoder10_pool_linear_by_hand() -> None:
+    """With encoder10's convolutions zeroed, its residual block is LeakyReLU(x): head(x) = W mean(lrelu(x)) + b."""
+    head = GTGMHead(3, 4, out_dim=3, norm="instance")
+    assert isinstance(head.encoder10, UnetrBasicBlock)
+    with torch.no_grad():
+        for conv in (head.encoder10.layer.conv1.conv, head.encoder10.layer.conv2.conv):
+            conv.weight.zero_()
+        head.linear.weight.copy_(torch.arange(12.0).reshape(3, 4))
+        head.linear.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    x = torch.tensor([-2.0, 0.0, 2.0, 4.0]).reshape(1, 4, 1, 1, 1).expand(1, 4, 2, 1, 1).contiguous()
+    x[:, :, 1] *= 3  # per channel: mean over the two voxels of lrelu(x)
+    pooled = torch.tensor([(-0.02 - 0.06) / 2, 0.0, (2 + 6) / 2, (4 + 12) / 2])
+    expected = torch.arange(12.0).reshape(3, 4) @ pooled + torch.tensor([1.0, 0.0, -1.0])
+    assert torch.allclose(head(x)[0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="head_norm=batch"):
+        head(torch.randn(2, 4, 1, 1, 1))  # instance statistics over one voxel are undefined (32^3 inputs)
+
+
+def test_projection_and_barlow_twins_act_on_the_released_head_output(phantom_cache: Path, tmp_path: Path) -> None:
+    """Before version 2 both read the LayerNorm-ed, pooled Swin stage (192-d here), whose per-sample mean is 0:
+    C @ 1 = 0, so Barlow-Twins' identity target was out of reach. Now both read the head's ``head_dim`` output."""
+    m, dm = _method_and_data(phantom_cache, tmp_path, **{"method.model.head_dim": 40})
+    assert m.image_encoder.out_dim == 192 and m.image_head.linear.in_features == 192
+    assert m.image_head.out_dim == 40 and m.image_proj[0].in_features == 40
+    batch = next(iter(dm.loader("train", train=True, batch_size=4)))
+    seen: list[torch.Tensor] = []
+    hook = m.image_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    m.train()
+    torch.manual_seed(3)
+    out = m.pretrain_step(batch)
+    hook.remove()
+    assert [t.shape for t in seen] == [(4, 40), (4, 40)]
+    assert out["barlow_twins"].item() == pytest.approx(cross_correlation_loss(*seen).item(), rel=1e-5)
+    torch.manual_seed(3)
+    m.embed_text(m.text_encoder.tokenizer(m.texts_for(batch)))  # same RNG path as the step up to the views
+    h1 = m.head_features(m.view(batch["image"]))
+    assert torch.allclose(h1, seen[0], atol=1e-5)
+    pooled = m.encode_image(batch["image"])  # what probes read: the trunk, not the head
+    assert pooled.shape == (4, 192) and torch.allclose(pooled.sum(-1), torch.zeros(4), atol=1e-3)
+    assert not torch.allclose(h1.sum(-1), torch.zeros(4), atol=1e-3)
+
+
+def test_text_tower_freezes_the_first_layers_and_trains_the_embeddings(phantom_cache: Path, tmp_path: Path) -> None:
+    m, _ = _method_and_data(phantom_cache, tmp_path)
+    bert = m.text_encoder.model
+    assert all(not p.requires_grad for p in bert.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in bert.encoder.layer[1].parameters())
+    assert all(p.requires_grad for p in bert.embeddings.parameters())  # released: only encoder.layer[:6]
+
+
+def test_text_freeze_options_are_separate_and_checked() -> None:
+    from medvlp_bench.text import build_text_encoder
+
+    def frozen(**kw: object) -> tuple[bool, list[bool]]:
+        bert = build_text_encoder("bert_tiny", hidden=16, layers=2, heads=2, **kw).model
+        layers = [not any(p.requires_grad for p in layer.parameters()) for layer in bert.encoder.layer]
+        return not any(p.requires_grad for p in bert.embeddings.parameters()), layers
+
+    assert frozen(freeze_layers=1) == (True, [True, False])  # None: the historical coupling other methods use
+    assert frozen(freeze_layers=1, freeze_embeddings=False) == (False, [True, False])
+    assert frozen(freeze_layers=0, freeze_embeddings=True) == (True, [False, False])
+    assert frozen(freeze_layers=2, freeze_embeddings=False) == (False, [True, True])
+    with pytest.raises(ValueError, match="freeze_layers=6 but the text encoder has 2 layers"):
+        frozen(freeze_layers=6)
+
+
 def test_views_crop_and_keep_directions_named_by_the_text(phantom_cache: Path, tmp_path: Path) -> None:
     m, dm = _method_and_data(phantom_cache, tmp_path)
     m._source = TextSource(build_generator(m.textgen_cfg, dm), None)  # phantom_ct: all axes have direction words
+    assert m.view_maker.active == ["intensity", "noise", "blur"]  # no flip, no rotation
+    m.views_cfg["perturbations"] = ["flip", "rotate90"]
+    m._views = None
+    assert m.view_maker.active == []
     x = torch.arange(2 * 32**3, dtype=torch.float32).reshape(2, 1, 32, 32, 32)
     m.train()
-    m.intensity_scale = m.intensity_shift = 0.0
     v = m.view(x)
     assert v.shape == (2, 1, 24, 24, 24)
-    d = v[:, 0, 1:, :, :] - v[:, 0, :-1, :, :]  # no flip along D: values increase by 32*32 per slice
-    assert torch.all(d == 1024)
+    # a plain crop: values step by 32*32 per slice, 32 per row, 1 per column
+    assert torch.all(v[:, 0, 1:] - v[:, 0, :-1] == 1024) and torch.all(v[:, 0, :, 1:] - v[:, 0, :, :-1] == 32)
+    assert torch.all(v[:, 0, :, :, 1:] - v[:, 0, :, :, :-1] == 1)
     m.eval()
     assert torch.equal(m.view(x), x[:, :, 4:28, 4:28, 4:28])
+
+
+def test_views_differ_follow_the_seed_and_use_the_configured_transforms() -> None:
+    x = torch.rand(3, 1, 16, 16, 16)
+    vm = ViewMaker(3, perturbations=["noise", "blur"], pick="one")
+    assert isinstance(vm._perturb, OneOf)
+    assert [type(t) for t in vm._perturb.transforms] == [RandGaussianNoise, RandGaussianSmooth]
+    torch.manual_seed(0)
+    a, b = vm(x), vm(x)
+    torch.manual_seed(0)
+    assert torch.equal(vm(x), a) and not torch.equal(a, b)  # seeded by torch, different per call
+    assert torch.equal(vm(x, train=False), x[:, :, 2:14, 2:14, 2:14])
+
+
+def test_rotation_turns_the_in_plane_axes_of_a_crop() -> None:
+    """Released: np.rot90 in the (H, W) plane; each view is a crop of x rotated by k * 90 degrees, k in 1..3."""
+    x = torch.arange(4 * 16**3, dtype=torch.float32).reshape(4, 1, 16, 16, 16)
+    vm = ViewMaker(3, crop_fraction=1.0, perturbations=["rotate90"])
+    torch.manual_seed(1)
+    views = vm(x)
+    ks = [next(k for k in (1, 2, 3) if torch.equal(v, torch.rot90(s, k, (2, 3)))) for v, s in zip(views, x)]
+    assert len(ks) == 4 and not torch.equal(views, x)
+    with pytest.raises(ValueError, match="square in-plane crop"):
+        vm(torch.zeros(1, 1, 16, 16, 8))
+    with pytest.raises(ValueError, match=r"unknown \['mixup'\]; allowed \['flip', 'rotate90'"):
+        ViewMaker(3, perturbations=["flip", "mixup"])
+    with pytest.raises(ValueError, match="pick must be one of"):
+        ViewMaker(3, pick="some")
+
+
+def test_cpu_default_encoder_is_of_resnet_small_size_and_shared_with_scratch_swin() -> None:
+    """The default (not tiny) encoder: the paper's 8.3M-parameter SwinUNETR was 9x resnet_small (0.9M)."""
+    sizes = {}
+    for method in ("gtgm", "scratch_swin", "scratch"):
+        cfg = compose("run", [f"method={method}", "task=phantom_ct_cls"])
+        sizes[method] = count_parameters(instantiate(cfg.method.model.image_encoder))
+    assert sizes["gtgm"] == sizes["scratch_swin"]
+    assert 0.4 < sizes["gtgm"] / sizes["scratch"] < 1.5, sizes
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +280,7 @@ def test_hf_captioner_backend_offline_deterministic_and_cached(ct64: PhantomData
 )
 def test_short_fit_lowers_loss_and_prepares_texts_once(phantom_cache: Path, tmp_path: Path, task: str, header: str):
     """2D by default (a 3D Swin step takes seconds on a 2-core CPU); the 3D run is marked slow."""
-    extra = {"method.model.lr": 1e-3, "method.model.crop_fraction": 0.5}
+    extra = {"method.model.lr": 1e-3, "method.model.views.crop_fraction": 0.5}
     m, dm = _method_and_data(phantom_cache, tmp_path, task, **extra)
     dm.batch_size = 4
     batch = next(iter(dm.loader("train", batch_size=8)))
