@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from . import results, stats
@@ -217,16 +218,24 @@ def main_report(argv: Sequence[str]) -> int:
     return 0
 
 
+def _learned(flag: object) -> str:
+    """The ``learned`` column: the pre-training proxy beat chance on every seed, failed on one, or n/a."""
+    if flag is True or flag is False or isinstance(flag, np.bool_):
+        return "yes" if bool(flag) else "NO"
+    return "—"
+
+
 def _leaderboard_table(title: str, g: pd.DataFrame) -> str:
     arrow = "higher" if bool(g["higher_is_better"].iloc[0]) else "lower"
     body = [
-        [("", _e(r.method)), ("", _e(r.protocol)), ("num", _e(f"{r.label_fraction:g}")),
+        [("", _e(results.method_label(r.method, r.method_version, r.learned))), ("", _e(r.protocol)),
+         ("num", _e(f"{r.label_fraction:g}")),
          ("num", _num(r.mean) + ("" if math.isnan(r.std) else " ± " + _num(r.std))),
          ("num", "—" if math.isnan(r.ci95_low) else f"[{_num(r.ci95_low)}, {_num(r.ci95_high)}]"),
-         ("num", _e(r.n_seeds)), ("", _e(r.impl_source))]
+         ("num", _e(r.n_seeds)), ("", _e(r.impl_source)), ("", _learned(r.learned))]
         for r in g.itertuples()
     ]  # fmt: skip
-    header = ["method", "protocol", "label fraction", "mean ± std", "95% CI", "n seeds", "implementation"]
+    header = ["method", "protocol", "label fraction", "mean ± std", "95% CI", "n seeds", "implementation", "learned"]
     return f"<h3>{_e(title)} <small>({arrow} is better)</small></h3>" + _table(header, body)
 
 

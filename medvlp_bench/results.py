@@ -221,7 +221,7 @@ def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
         ci = "" if math.isnan(r.ci95_low) else f"[{r.ci95_low:.3f}, {r.ci95_high:.3f}]"
         lines.append(
             f"| {_named(r.task, r.task_version)} | {r.protocol} | {r.label_fraction:g} | "
-            f"{_named(r.method, r.method_version)}{' (not learned)' if r.learned is False else ''} | {r.metric} | "
+            f"{method_label(r.method, r.method_version, r.learned)} | {r.metric} | "
             f"{r.mean:.3f}{std} | {ci} | {r.n_seeds} |"
         )
     return "\n".join(lines) + "\n"
@@ -229,6 +229,12 @@ def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
 
 def _named(name: str, version: object) -> str:
     return name if int(version) == 1 else f"{name} v{int(version)}"
+
+
+def method_label(method: str, version: object, learned: object) -> str:
+    """A leaderboard line's method: ``name vN`` past version 1, ``(not learned)`` when a seed's pre-training
+    did not beat its proxy's chance level."""
+    return _named(method, version) + (" (not learned)" if learned is False else "")
 
 
 def write_leaderboard(results_dir: Path) -> pd.DataFrame:

@@ -150,3 +150,20 @@ def test_leaderboard_marks_lines_whose_pretraining_did_not_learn() -> None:
     assert lb.loc["b", "learned"] == True and lb.loc["c", "learned"] is None  # noqa: E712
     md = leaderboard_markdown(build_leaderboard(rows))
     assert "| a (not learned) |" in md and "| b |" in md and "| c |" in md
+
+
+def test_report_table_shows_learned(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from medvlp_bench.report import _leaderboard_table
+
+    g = pd.DataFrame(
+        [
+            dict(method="a", method_version=2, learned=False, protocol="linear", label_fraction=0.01, mean=0.6,
+                 std=0.1, ci95_low=0.4, ci95_high=0.8, n_seeds=3, impl_source="paper", higher_is_better=True),
+            dict(method="scratch", method_version=1, learned=None, protocol="linear", label_fraction=0.01, mean=0.5,
+                 std=0.1, ci95_low=0.4, ci95_high=0.6, n_seeds=3, impl_source="baseline", higher_is_better=True),
+        ]
+    )  # fmt: skip
+    html = _leaderboard_table("t", g)
+    assert "a v2 (not learned)" in html and ">NO<" in html and ">—<" in html
