@@ -55,15 +55,23 @@ class ImageTextCSV(AdapterDataModule):
         split_col: str | None = None,
         id_col: str | None = None,
         group_col: str | None = None,
+        need_labels: bool = False,
         **kw: Any,
     ) -> None:
-        self.label_cols = list(label_cols or [])
+        self.label_cols, self.need_labels = list(label_cols or []), bool(need_labels)
         super().__init__(root, task_type="multilabel", class_names=self.label_cols, **kw)
         self.csv_name, self.image_col, self.text_col = csv_name, image_col, text_col
         self.split_col, self.id_col, self.group_col = split_col, id_col, group_col
 
     def scan(self, root: Path) -> pd.DataFrame:
         csv = root / self.csv_name
+        if self.need_labels and not self.label_cols:  # classification / zero-shot tasks: the labels are columns
+            found = list(read_table(csv, [], nrows=0).columns)
+            raise DataError(
+                csv,
+                f"this task needs label columns: name them with task.data.label_cols=[...] (0/1 values); "
+                f"the CSV has columns {found}",
+            )
         cols = [self.image_col, self.text_col, *self.label_cols]
         cols += [c for c in (self.split_col, self.id_col, self.group_col) if c]
         table = read_table(csv, cols, dtype={self.image_col: str, self.text_col: str})

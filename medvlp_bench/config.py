@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,43 @@ def _searchpath_override() -> list[str]:
     return ["hydra.searchpath=[" + ",".join(f"file://{p.resolve()}" for p in extra) + "]"]
 
 
+def external_aliases(overrides: list[str]) -> list[str]:
+    """``external.<key>=v`` -> ``method.model.<key>=v`` (``external.name`` -> ``method.name``): the short form of
+    ``method=external`` (``methods/external.py``) that ``medbench run`` documents."""
+    out = []
+    for o in overrides:
+        sign = o[: len(o) - len(o.lstrip("+~"))]
+        body = o[len(sign) :]
+        if body.startswith("external."):
+            rest = body.removeprefix("external.")
+            body = f"method.{rest}" if rest.split("=")[0] == "name" else f"method.model.{rest}"
+        out.append(sign + body)
+    return out
+
+
+def method_label(cfg: DictConfig, choice: str | None) -> str | None:
+    """The name rows and checkpoints use: the method option, except for the generic ``external`` entry, which is
+    named after its model (``external.name``, else ``external-<model folder or file name>``), so that two models
+    evaluated through it never share result cells."""
+    if choice != "external" or "method" not in cfg:
+        return choice
+    name = cfg.method.get("name")
+    if not name:
+        model = cfg.method.model
+        path = OmegaConf.select(model, "path", throw_on_missing=False)
+        stem = Path(str(path).rstrip("/")).name if path not in (None, "???") else model.get("arch")
+        if not stem:
+            return choice
+        for suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+            stem = stem.removesuffix(suffix)
+        random = model.get("init") == "random"  # the model's untrained twin is another method
+        name = f"external-{stem}" + ("-random" if random else "")
+    return "_".join(part for part in re.sub(r"[^A-Za-z0-9.-]+", "_", str(name)).split("_") if part) or choice
+
+
 def compose(root: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``configs/<root>.yaml`` with Hydra-style overrides; add ``names`` (the chosen group options)."""
-    overrides = list(overrides or [])
+    overrides = external_aliases(list(overrides or []))
     _check_group_choices(overrides)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="medbench"):
@@ -76,6 +111,8 @@ def compose(root: str, overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(_explain(root, overrides, e)) from None
     with open_dict(cfg):
         choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if k in GROUPS}
+        if "method" in choices:
+            choices["method"] = method_label(cfg, choices["method"])
         del cfg["hydra"]
         cfg["names"] = choices
     OmegaConf.set_struct(cfg, True)

@@ -32,6 +32,8 @@ class Method(L.LightningModule):
     #: key and every result row, so old checkpoints and rows are never reused; ``tests/test_versions.py``
     #: fails when the method's sources change without a bump (``medvlp_bench.versions``)
     version: ClassVar[int] = 1
+    #: sha256 of the weights file a method read at construction (``external``); the rows' ``ckpt_sha256``
+    weights_sha256: str | None = None
 
     def __init__(
         self,
@@ -116,6 +118,14 @@ class Method(L.LightningModule):
             tok = {k: v.to(self.device) for k, v in self.text_encoder.tokenizer(prompts).items()}
             out.append(F.normalize(self.embed_text(tok).mean(0), dim=-1))
         return torch.stack(out)
+
+    def input_gap(self, spatial_dims: int, in_channels: int) -> str | None:
+        """Why the encoder cannot take the task's images (a 2D model on volumes), or None if it can.
+
+        ``run.evaluate`` skips such a cell as not applicable, with this reason. Methods built from the task's
+        ``input`` always fit; a model loaded from a file (``external``) has its own dims and channels.
+        """
+        return None
 
     def adapt_to_input(self, in_channels: int, *, frozen: bool = True) -> None:
         """Make the image encoder accept ``in_channels`` (called before evaluation on a task's data).

@@ -94,12 +94,15 @@ def retrieval_verdict(hits: int, n: int, k: int = max(KS)) -> tuple[float, bool]
 
 
 @torch.no_grad()
-def retrieval_proxy(method: Any, loader: Any) -> ProxyScore:
-    """Retrieval over the validation pairs of each source (a mixed corpus scores each part on its own)."""
+def retrieval_proxy(method: Any, loader: Any) -> ProxyScore | None:
+    """Retrieval over the validation pairs of each source (a mixed corpus scores each part on its own); None
+    for a corpus without reports (GTGM on volumes writes its own text), which then gets the loss proxy."""
     device = method.device
     img: dict[str, list[Tensor]] = defaultdict(list)
     txt: dict[str, list[Tensor]] = defaultdict(list)
     for batch in loader:
+        if "text" not in batch:
+            return None
         batch = _to_device(batch, device)
         src = str(batch.get("source", ""))
         img[src].append(method.embed_image(batch["image"]).float().cpu())
@@ -146,8 +149,8 @@ def score(method: Any, loader: Any, start: dict[str, float] | None = None) -> Pr
     was_training = method.training
     method.eval()
     try:
-        if method.has_text_tower:
-            return retrieval_proxy(method, loader)
+        if method.has_text_tower and (paired := retrieval_proxy(method, loader)) is not None:
+            return paired
         own = method.proxy_score(loader)
         if own is not None:
             return own

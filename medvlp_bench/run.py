@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from filelock import FileLock
+from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -116,7 +117,12 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 
 
 def build_method(cfg: DictConfig) -> Method:
-    method = instantiate(cfg.method.model)
+    try:
+        method = instantiate(cfg.method.model)
+    except InstantiationException as e:  # a wrong model path or file (external): the user's one-line error
+        if isinstance(e.__cause__, ConfigError | FileNotFoundError):
+            raise e.__cause__ from None
+        raise
     if not isinstance(method, Method):
         raise ConfigError(f"method {cfg.names.method!r} does not build a medvlp_bench Method")
     return method
@@ -344,6 +350,9 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():
         return []
+    if (gap := method.input_gap(int(task.data.spatial_dims), int(task.data.in_channels))) is not None:
+        log.warning("skipping %s on %s: %s", names.method, names.task, gap)
+        return []
     method.adapt_to_input(int(task.data.in_channels), frozen=task.freezes_encoder)
     if (reason := task.skip_reason(method)) is not None:
         log.warning("skipping %s on %s: %s", names.method, names.task, reason)
@@ -373,6 +382,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     )
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     res = task.evaluate(method, ctx)
+    ckpt_sha = ckpt_sha or method.weights_sha256  # a model read from a file (external): that file's sha256
     rows = make_rows(cfg, task, method, res, ckpt_sha, tracking.run_id(logger), time.time() - t0)
     runs = Path(cfg.paths.results_dir) / "runs"
     extra = {

@@ -58,6 +58,23 @@ def prompt_lists(class_prompts: Mapping[str, Any], class_names: Sequence[str], t
     return lists
 
 
+def template_prompts(
+    templates: Mapping[str, Sequence[str]], class_names: Sequence[str], task_type: str
+) -> dict[str, Any]:
+    """Class prompts written from templates (``"{}"`` is the class name, ``_`` read as a space), for data whose
+    classes are the user's own label columns or folders: positive templates per class (multi-class), or
+    positive and negative ones (multi-label, binary)."""
+    if not class_names:
+        raise ValueError("zero-shot needs classes: the data has none (label columns or class folders)")
+    out: dict[str, Any] = {}
+    for name in class_names:
+        words = str(name).replace("_", " ")
+        pos = [t.format(words) for t in templates.get("positive", [])]
+        neg = [t.format(words) for t in templates.get("negative", [])]
+        out[str(name)] = pos if task_type == "multiclass" else {"positive": pos, "negative": neg}
+    return out
+
+
 def zeroshot_probs(image: Tensor, classes: Tensor, task_type: str, logit_scale: float = 100.0) -> Tensor:
     """[N, K] probabilities from L2-normalised image and class embeddings.
 
@@ -81,7 +98,8 @@ class ZeroShot(Task):
         self,
         data: MedDataModule,
         *,
-        class_prompts: Mapping[str, Any],
+        class_prompts: Mapping[str, Any] | None = None,
+        prompt_templates: Mapping[str, Sequence[str]] | None = None,
         logit_scale: float = 100.0,
         per_class: bool = True,
         **kw: Any,
@@ -93,17 +111,31 @@ class ZeroShot(Task):
             raise ValueError(
                 f"zero-shot classification trains nothing: protocol must be 'zeroshot', got {self.protocol!r}"
             )
-        self.prompts = prompt_lists(class_prompts, data.class_names, data.task_type)
+        if class_prompts is None and not prompt_templates:
+            raise ValueError("zero-shot needs task.class_prompts or task.prompt_templates")
+        self.templates = dict(prompt_templates or {})
+        self.prompts = None if class_prompts is None else prompt_lists(class_prompts, data.class_names, data.task_type)
         self.logit_scale, self.per_class = float(logit_scale), per_class
 
     def skip_reason(self, method: Method) -> str | None:
         return text_tower_reason(method)
 
+    def class_prompt_lists(self) -> list[list[str]]:
+        """The configured prompts, else prompts from ``prompt_templates`` and the data's class names, read after
+        the data is scanned (a user's class folders are only known then)."""
+        if self.prompts is None:
+            _ = self.data.manifest
+            dm = self.data
+            self.prompts = prompt_lists(
+                template_prompts(self.templates, dm.class_names, dm.task_type), dm.class_names, dm.task_type
+            )
+        return self.prompts
+
     @torch.inference_mode()
     def evaluate(self, method: Method, ctx: EvalContext) -> TaskResult:
         dm = self.data
         method.eval().to(ctx.device)
-        classes = method.class_embeddings(self.prompts)
+        classes = method.class_embeddings(self.class_prompt_lists())
         test = extract(lambda b: method.embed_image(b["image"]), dm.loader("test"), ctx)
         probs = zeroshot_probs(test["out"], classes.cpu(), dm.task_type, self.logit_scale)
         target = test["label"]
