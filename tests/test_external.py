@@ -334,3 +334,13 @@ def test_user_yaml_names_a_model_and_runs_in_a_suite(tmp_path: Path, workdir: Pa
     report = bench(*compose_bench(["suite=mine"]))
     assert report.done == ["phantom_cxr_cls__my_resnet__linear__f0.5__s0"] and not report.failed
     assert report.inapplicable == ["phantom_ct_cls__my_resnet__linear__f0.5__s0"]  # a 2D model, 3D data
+
+
+def test_list_shows_the_formats_and_the_tasks_on_your_own_data(capsys: pytest.CaptureFixture) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for fmt in FORMATS:
+        assert f"  {fmt}: " in out
+    line = next(x for x in out.splitlines() if x.startswith("tasks on your own data"))
+    own = ("imagefolder_cls", "image_text_cls", "image_text_retrieval", "image_text_zeroshot", "nifti_folder_seg")
+    assert set(own) <= set(line.split(": ", 1)[1].split(", "))
