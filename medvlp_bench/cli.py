@@ -91,7 +91,29 @@ def cmd_list() -> int:
 
     for group in ("method", "task", "data", "suite", "trainer", "logger"):
         print(f"{group}: {', '.join(options(group))}")
+    _list_external()
     return 0
+
+
+#: the readers of a user's own data; the tasks on them take ``task.data.root=...`` (docs/external.md)
+OWN_DATA = ("imagefolder", "image_text_csv", "nifti_folder")
+
+
+def _list_external() -> None:
+    """The ``external`` model formats and the tasks that run on a user's own data (their yaml's ``defaults`` put
+    one of ``OWN_DATA`` at ``data``)."""
+    from .config import options, search_dirs
+    from .methods.external_formats import FORMATS
+
+    print("external models (method=external external.format=<f> external.path=...):")
+    for fmt, what in FORMATS.items():
+        print(f"  {fmt}: {what}")
+    mine = []
+    for task in options("task"):
+        text = next((f.read_text() for d in search_dirs() if (f := d / "task" / f"{task}.yaml").is_file()), "")
+        if any(f"/data@data: {name}\n" in text for name in OWN_DATA):
+            mine.append(task)
+    print(f"tasks on your own data (task.data.root=...): {', '.join(mine)}")
 
 
 def cmd_leaderboard(results_dir: str | None, fmt: str) -> int:
