@@ -218,7 +218,7 @@ def test_monai_swin_unetr_loads_and_probes_volumes(tmp_path: Path, workdir: Path
     assert method.image_encoder.feature_strides == [2, 4, 8, 16, 32]
     assert method.input_gap(2, 1) == "it is a 3D model (monai) and the task's data are 2D images; a 2D model is needed"
     ext = ["method=external", "external.format=monai", f"external.path={path}", "external.arch=swin_unetr"]
-    rows = run_cell([*ext, "task=phantom_ct_cls", *RUN, *CLS, *cache(phantom_cache)])
+    rows = run_cell([*ext, "task=phantom_ct_cls", *RUN, *CLS, "task.data.n_train=12", *cache(phantom_cache)])
     assert {r.kind for r in rows} == {"classification"} and rows[0].spatial_dims == 3
     assert rows[0].ckpt_sha256 == sha256(path)
 

@@ -109,7 +109,7 @@ def test_zeroshot_prompts_from_templates() -> None:
 
 def test_nifti_folder_seg_as_typed(tmp_path: Path, workdir: Path) -> None:
     ct = ct_folder(tmp_path / "my_ct")
-    seg = ["task.data.size=32", "task.max_epochs=1", "task.patience=1", "task.batch_size=2", *FAST]
+    seg = ["task.data.size=24", "task.max_epochs=1", "task.patience=1", "task.batch_size=2", *FAST]
     rows = run_cell(["method=scratch", "task=nifti_folder_seg", f"task.data.root={ct}", *seg,
                      "method.model.image_encoder.name=resnet_tiny"])  # fmt: skip
     assert {r.kind for r in rows} == {"segmentation"} and rows[0].spatial_dims == 3
