@@ -197,6 +197,17 @@ def test_cpu_suites_build_brainmvp_within_the_crop_rule(suite: str) -> None:
     assert min(deepest.shape[2:]) >= 2
 
 
+def test_scratch_twin_builds_brainmvps_encoder_at_every_size() -> None:
+    """scratch_brainmvp copies brainmvp's encoder name and tiny encoder (its input channels are the task's)."""
+    for extra in ([], ["tiny"]):
+        cfgs = []
+        for m in ("brainmvp", "scratch_brainmvp"):
+            over = [f"method={m}", "task=phantom_mri_cls", *(tiny_overrides(m) if extra else [])]
+            cfgs.append(compose("run", over).method)
+        assert cfgs[0].model.image_encoder.name == cfgs[1].model.image_encoder.name
+    assert [o for o in cfgs[0].tiny if ".image_encoder." in o] == list(cfgs[1].tiny)
+
+
 def _linear_probe_features(cfg, method: BrainMVP, x: torch.Tensor, seed: int, monkeypatch) -> torch.Tensor:
     """What ``run.evaluate`` hands the task: the method after ``adapt_to_input``, its features of ``x``."""
 
