@@ -73,6 +73,11 @@ class ExternalImageEncoder(ImageEncoder):
         self.in_channels = self.native_channels = loaded.in_channels
         self.pad_multiple = loaded.pad_multiple
         self.size = self._size(input_size, loaded.size)
+        #: where the size and the normalisation come from, for the log line
+        self.origin = {
+            "size": "the model's input size" if input_size == "auto" else "external.input_size",
+            "norm": "the model's" if mean is None else "external.mean/std",
+        }
         mean = loaded.mean if mean is None else mean
         std = loaded.std if std is None else std
         if (mean is None) != (std is None):
@@ -134,11 +139,11 @@ class ExternalImageEncoder(ImageEncoder):
         if in_channels != self.native_channels:
             steps.append(f"{self.native_channels}-channel model on {in_channels}-channel images: channel repeated")
         if self.size is not None:
-            steps.append(f"images resized to {'x'.join(map(str, self.size))} (the model's input size)")
+            steps.append(f"images resized to {'x'.join(map(str, self.size))} ({self.origin['size']})")
         if self.mean is not None:
             m = [round(v, 4) for v in self.mean.flatten().tolist()]
             s = [round(v, 4) for v in self.std.flatten().tolist()]
-            steps.append(f"normalised with the model's mean {m} and std {s}")
+            steps.append(f"normalised with {self.origin['norm']} mean {m} and std {s}")
         if self.pad_multiple > 1:
             steps.append(f"padded to a multiple of {self.pad_multiple}")
         return "; ".join(steps) or "images passed as they are"
