@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -100,18 +101,61 @@ def inside(root: Path, rel: str | os.PathLike) -> Path:
     return Path(full)
 
 
+#: the tables ``read_table`` read during one ``scan`` (set by ``AdapterDataModule._scan_index``), so that a
+#: duplicated sample id can be traced back to its CSV file, column and lines
+_TABLES: ContextVar[list[tuple[Path, pd.DataFrame]] | None] = ContextVar("medbench_tables", default=None)
+
+
 def read_table(path: Path, required: Iterable[str], **kw: Any) -> pd.DataFrame:
     """Read a CSV (``.csv`` or ``.csv.gz``) and check its columns, naming the file and what is missing."""
     try:
         df = pd.read_csv(path, **kw)
     except FileNotFoundError:
-        raise DataError(path, "file not found") from None
+        raise DatasetNotFoundError(path, "file not found") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise DataError(path, f"cannot parse as CSV: {e}") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(path, f"missing column(s) {missing}; columns found: {list(df.columns)}")
+    if (tables := _TABLES.get()) is not None:
+        tables.append((Path(path), df))
     return df
+
+
+def duplicate_error(
+    ids: pd.Series, tables: Sequence[tuple[Path, pd.DataFrame]], dataset: str, id_col: bool
+) -> DataError:
+    """The error for a manifest whose ids repeat: the CSV, column and lines of the first repeated value, and
+    the ways out. Real metadata often has one row per visit or note, so the same image can be on several rows.
+
+    The lines are counted as in a text editor with the header on line 1 (row ``i`` of the table is line
+    ``i + 2``); ``id_col``: the adapter can take its ids from another column (``image_text_csv``).
+    """
+    first = str(ids[ids.duplicated()].iloc[0])
+    way_out = "keep one row per sample (drop the duplicate rows"
+    if id_col:
+        way_out = (
+            "give each row its own id with id_col=<a column with one value per row, e.g. a note or visit id> and "
+            "group_col=<the image or patient column> so that one image's rows stay in one split, or " + way_out
+        )
+    n = int((ids == first).sum())
+    found = []  # (how far the hit count is from n, order, path, column, rows): the id's own column fits best
+    for path, table in tables:
+        for col in table.columns:
+            text = table[col].astype(str).str.strip()
+            hits = text.index[(text == first) | text.str.endswith("/" + first)]
+            if len(hits) >= 2:
+                found.append((abs(len(hits) - n), len(found), path, col, [int(i) + 2 for i in hits]))
+    if not found:
+        return DataError(dataset, f"sample id {first!r} occurs {n} times, but ids must be unique; {way_out})")
+    _, _, path, col, lines = min(found)
+    shown = ", ".join(map(str, lines[:10]))
+    shown = f"{shown} and {len(lines) - 10} more" if len(lines) > 10 else " and ".join(shown.rsplit(", ", 1))
+    return DataError(
+        path,
+        f"{first!r} is on {len(lines)} rows of column {col!r} (lines {shown}), but each sample must be one row; "
+        f"{way_out}, e.g. pandas df.drop_duplicates(subset=[{col!r}]))",
+    )
 
 
 def first_existing(root: Path, *names: str) -> Path:
@@ -119,7 +163,7 @@ def first_existing(root: Path, *names: str) -> Path:
     for n in names:
         if (root / n).exists():
             return root / n
-    raise DataError(root / names[0], f"not found (also looked for {list(names[1:])})")
+    raise DatasetNotFoundError(root / names[0], f"not found (also looked for {list(names[1:])})")
 
 
 # ---- splits -------------------------------------------------------------------------------------
@@ -294,12 +338,32 @@ class AdapterDataModule(MedDataModule):
     def salt(self) -> str:
         return f"{self.info.key}|{self.split_seed}"
 
-    def build_manifest(self) -> pd.DataFrame:
+    def preflight(self) -> int:
+        """Check the root and read the dataset's index (its CSV or list files, folder listings), not the images.
+
+        ``medvlp_bench.preflight`` calls this before a run does any work, so a missing dataset, a missing index
+        file or a duplicated id fails in seconds; returns the number of samples found.
+        """
+        return len(self._scan_index())
+
+    def _scan_index(self) -> pd.DataFrame:
+        """Root check, ``scan`` and unique string ids: the manifest before splits and per-file checks."""
         root = require_root(self.root, self.info)
-        df = self.scan(root).reset_index(drop=True)
+        token = _TABLES.set([])
+        try:
+            df = self.scan(root).reset_index(drop=True)
+            tables = _TABLES.get() or []
+        finally:
+            _TABLES.reset(token)
         if df.empty:
             raise DataError(root, f"no samples found; expected layout:\n{self.info.layout}")
         df["id"] = df["id"].astype(str)
+        if df["id"].duplicated().any():
+            raise duplicate_error(df["id"], tables, self.name, id_col=hasattr(self, "id_col"))
+        return df
+
+    def build_manifest(self) -> pd.DataFrame:
+        df = self._scan_index()
         if self.exclude:
             drop = df["id"].isin(self.exclude)
             log.info("%s: excluding %d sample(s) listed in the config", self.name, int(drop.sum()))

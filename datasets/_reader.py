@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -34,6 +35,13 @@ from monai.transforms import (
 )
 
 from ._errors import DataError
+
+#: MONAI logs "nvImageCodec is not available" each time a LoadImage is built on a machine without the GPU
+#: DICOM decoder: once per file read, never actionable. Silenced here, where every file is read, so that
+#: ``medbench data check``, runs, DataLoader workers and library use all stay quiet (a level set earlier wins).
+MONAI_NOISE = "monai.data.nvimgcodec_pydicom_plugin"
+if logging.getLogger(MONAI_NOISE).level == logging.NOTSET:
+    logging.getLogger(MONAI_NOISE).setLevel(logging.ERROR)
 
 #: bump when the reading or preprocessing code changes, so stale caches are not reused
 CACHE_VERSION = "1"

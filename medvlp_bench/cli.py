@@ -30,6 +30,8 @@ def _setup_logging(verbose: bool, heavy: bool) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    if verbose:  # datasets/_reader.py silences MONAI's per-file nvImageCodec notice unless a level is set first
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.DEBUG)
     if not heavy:
         return
     import lightning  # noqa: F401
@@ -39,8 +41,6 @@ def _setup_logging(verbose: bool, heavy: bool) -> None:
         logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
         logger.handlers.clear()
         logger.propagate = True
-    # MONAI's DICOM reader logs this once per LoadImage on every CPU-only machine: not actionable.
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.DEBUG if verbose else logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -87,10 +87,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_list() -> int:
-    from .config import options
+    from .config import options, task_shortcuts
 
     for group in ("method", "task", "data", "suite", "trainer", "logger"):
         print(f"{group}: {', '.join(options(group))}")
+    short = ", ".join(f"{data} -> {task}" for data, task in task_shortcuts().items())
+    print(f"task shortcuts (task=<dataset> runs its main task): {short}")
     _list_external()
     return 0
 

@@ -56,7 +56,68 @@ def _check_group_choices(overrides: list[str]) -> None:
         if sep and key in GROUPS and value not in ("null", "") and "," not in value:
             valid = options(key)
             if value not in valid:
-                raise ConfigError(f"unknown {key} {value!r}; valid {key} names: {', '.join(valid)}")
+                hint = ""
+                if key == "task" and value in options("data"):
+                    hint = f" ({value} is a dataset without a task of its own: use it as a corpus with data={value})"
+                raise ConfigError(f"unknown {key} {value!r}{hint}; valid {key} names: {', '.join(valid)}")
+
+
+#: task kinds (the module of a task's ``_target_``) in the order that picks a dataset's main task
+KIND_ORDER = ("classification", "segmentation", "retrieval", "zeroshot")
+
+
+def task_kind(target: object) -> str:
+    """``medvlp_bench.tasks.classification.Classification`` -> ``classification``."""
+    parts = str(target or "").rsplit(".", 2)
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def _yaml(group: str, name: str) -> DictConfig | None:
+    """The first ``<group>/<name>.yaml`` across the search folders, unresolved (cheap: no Hydra compose)."""
+    for d in search_dirs():
+        f = d / group / f"{name}.yaml"
+        if f.is_file():
+            cfg = OmegaConf.load(f)
+            return cfg if isinstance(cfg, DictConfig) else None
+    return None
+
+
+def _task_data(task_cfg: DictConfig) -> str | None:
+    """The data config a task's ``defaults`` list puts at ``data`` (``- /data@data: rsna`` -> ``rsna``)."""
+    for item in task_cfg.get("defaults") or []:
+        if isinstance(item, DictConfig):
+            for key, value in item.items():
+                if str(key).removeprefix("override ").strip().lstrip("/") == "data@data":
+                    return str(value)
+    return None
+
+
+def task_shortcuts() -> dict[str, str]:
+    """Dataset name -> its main task, derived from the task configs, so ``task=rsna`` runs ``rsna_cls``.
+
+    The main task of a dataset is, among the tasks whose ``defaults`` put that dataset at ``data``, the first by
+    kind (classification, segmentation, retrieval, zero-shot), then by name. A name that is itself a task is
+    never a shortcut; a dataset that no task uses has none.
+    """
+    tasks = set(options("task"))
+    found: dict[str, list[tuple[int, str]]] = {}
+    for name in sorted(tasks):
+        cfg = _yaml("task", name)
+        data = _task_data(cfg) if cfg is not None else None
+        if data is None or data in tasks:
+            continue
+        kind = task_kind(cfg.get("_target_"))
+        rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+        found.setdefault(data, []).append((rank, name))
+    return {data: min(ranked)[1] for data, ranked in sorted(found.items())}
+
+
+def _expand_shortcuts(overrides: list[str]) -> list[str]:
+    """``task=<dataset>`` -> ``task=<its main task>``; everything else unchanged."""
+    if not any(o.startswith("task=") for o in overrides):
+        return overrides
+    short = task_shortcuts()
+    return [f"task={short[o[5:]]}" if o.startswith("task=") and o[5:] in short else o for o in overrides]
 
 
 def _searchpath_override() -> list[str]:
@@ -89,8 +150,8 @@ def method_label(cfg: DictConfig, choice: str | None) -> str | None:
     name = cfg.method.get("name")
     if not name:
         model = cfg.method.model
-        path = OmegaConf.select(model, "path", throw_on_missing=False)
-        stem = Path(str(path).rstrip("/")).name if path not in (None, "???") else model.get("arch")
+        path = model.get("path")
+        stem = Path(str(path).rstrip("/")).name if path is not None else model.get("arch")
         if not stem:
             return choice
         for suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
@@ -102,7 +163,7 @@ def method_label(cfg: DictConfig, choice: str | None) -> str | None:
 
 def compose(root: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``configs/<root>.yaml`` with Hydra-style overrides; add ``names`` (the chosen group options)."""
-    overrides = external_aliases(list(overrides or []))
+    overrides = external_aliases(_expand_shortcuts(list(overrides or [])))
     _check_group_choices(overrides)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="medbench"):
@@ -116,7 +177,80 @@ def compose(root: str, overrides: list[str] | None = None) -> DictConfig:
         del cfg["hydra"]
         cfg["names"] = choices
     OmegaConf.set_struct(cfg, True)
+    check_values(cfg)
     return cfg
+
+
+#: protocols of each task kind; the task classes refuse any other (tests/test_preflight.py checks they agree)
+PROTOCOLS: dict[str, tuple[str, ...]] = {
+    "classification": ("linear", "finetune"),
+    "segmentation": ("finetune", "frozen"),
+    "retrieval": ("zeroshot",),
+    "zeroshot": ("zeroshot",),
+}
+#: what Lightning's Trainer takes as ``precision`` (lightning.fabric.connector._PRECISION_INPUT)
+PRECISIONS = (
+    "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16,
+)  # fmt: skip
+#: keys that must be one of a fixed set of values (``trainer.progress``: run.make_trainer; ``logger.kind``: tracking)
+CHOICES: dict[str, tuple[object, ...]] = {
+    "pretrain": ("auto", "never"),
+    "trainer.progress": ("rich", "tqdm", "none"),
+    "trainer.precision": PRECISIONS,
+    "logger.kind": ("mlflow", "csv", "none"),
+}
+#: keys that must be whole numbers of at least this when present (``scratch`` pre-trains for 0 epochs)
+MIN_INTS = {
+    "method.pretrain.max_epochs": 0,
+    "method.pretrain.batch_size": 1,
+    "task.max_epochs": 1,
+    "task.batch_size": 1,
+    "task.data.size": 1,
+    "data.size": 1,
+}
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+_ABSENT = object()
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    except Exception as e:  # an interpolation that cannot resolve (a missing env variable, a bad reference)
+        raise ConfigError(f"{key}: cannot resolve its value: {str(e).splitlines()[0]}") from None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse values that Hydra accepts but a run cannot use, in one line that names the valid values.
+
+    Called by ``compose``, so ``seed=abc`` or ``task.label_fraction=2`` fail before any work, as misspelt keys do.
+    Only keys present in ``cfg`` are checked (``run``, ``pretrain`` and ``bench`` roots hold different ones).
+    """
+    seed = _value(cfg, "seed")
+    if seed is not _ABSENT and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    for key, valid in CHOICES.items():
+        value = _value(cfg, key)
+        if value is not _ABSENT and value not in valid:
+            raise ConfigError(f"{key} must be one of {', '.join(dict.fromkeys(map(str, valid)))}; got {value!r}")
+    for key, least in MIN_INTS.items():
+        value = _value(cfg, key)
+        if value is not _ABSENT and value is not None and not (_is_int(value) and value >= least):
+            raise ConfigError(f"{key} must be a whole number >= {least}, got {value!r}")
+    if not isinstance(cfg.get("task"), DictConfig):
+        return
+    frac = _value(cfg, "task.label_fraction")
+    if frac is not _ABSENT and not (isinstance(frac, int | float) and not isinstance(frac, bool) and 0 < frac <= 1):
+        raise ConfigError(f"task.label_fraction must be a number in (0, 1], e.g. 0.01, 0.1 or 1.0; got {frac!r}")
+    kind = task_kind(cfg.task.get("_target_"))
+    protocol = _value(cfg, "task.protocol")
+    if kind in PROTOCOLS and protocol is not _ABSENT and protocol not in PROTOCOLS[kind]:
+        valid = ", ".join(PROTOCOLS[kind])
+        raise ConfigError(f"task.protocol {protocol!r} is not a {kind} protocol; valid: {valid}")
 
 
 def _explain(root: str, overrides: list[str], err: Exception) -> str:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from . import __version__, checkpoint, proxy, results, tracking
 from .config import ConfigError, compose, instantiate, to_container, unmet_requirements
 from .method import Method
+from .preflight import check_cell, check_pretrain
 from .task import EvalContext, Task
 from .versions import method_version
 
@@ -140,6 +141,7 @@ def pretrain(cfg: DictConfig) -> Path:
     if checkpoint.is_checkpoint(out):
         log.info("using cached pre-training checkpoint %s", out)
         return out
+    check_pretrain(cfg)  # the corpus and its parts are there, in seconds, before any work
     if not is_rank_zero():  # DDP children: rank 0 holds the lock and they join its fit
         return _pretrain(cfg, out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,6 +348,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     if cfg.get("ckpt") is None and gap:
         log.warning("skipping %s on %s: %s", names.method, names.task, gap)
         return []
+    check_cell(cfg)  # task data, corpus (unless cached), ckpt, device: seconds, before any work
     task: Task = instantiate(cfg.task)
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():

@@ -99,3 +99,58 @@ def test_channels_last_and_compile_options_keep_checkpoint_keys(workdir) -> None
     cfg.trainer.compile = True
     speed_up(m, cfg.trainer, 2)
     assert set(m.state_dict()) == keys  # compiled in place: safetensors keys unchanged
+
+
+#: datasets that the shipped task configs use, and their main task (classification first, then segmentation)
+MAIN_TASKS = {
+    "adrenalmnist3d": "adrenalmnist3d_cls",
+    "brats": "brats_seg",
+    "btcv": "btcv_seg",
+    "chexpert": "chexpert_cls",
+    "covidx": "covidx_cls",
+    "msd_hippocampus": "msd_hippocampus_seg",
+    "nih_cxr14": "nih_cxr14_cls",
+    "phantom_ct": "phantom_ct_cls",
+    "phantom_cxr": "phantom_cxr_cls",
+    "phantom_mri": "phantom_mri_cls",
+    "rsna": "rsna_cls",
+    "siim": "siim_seg",
+}
+
+
+def test_dataset_name_as_task_runs_its_main_task(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    from medvlp_bench.config import compose, task_shortcuts
+
+    assert MAIN_TASKS.items() <= task_shortcuts().items()
+    assert not set(task_shortcuts()) & {"mimic_cxr", "msd", "phantom_cxr_ct"}  # no task of their own
+    for data, task in MAIN_TASKS.items():
+        assert compose("run", ["method=scratch", f"task={data}"]).names.task == task
+    assert (
+        compose("run", ["method=scratch", "task=rsna"]).task == compose("run", ["method=scratch", "task=rsna_cls"]).task
+    )
+    assert main(["run", "method=unimedi", "task=rsna"]) == 2  # the rsna_cls cell, stopped by its missing data
+    err = capsys.readouterr().err
+    assert "unknown task" not in err and "not found; task.data (rsna)" in err
+    assert main(["run", "method=clip", "task=mimic_cxr"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'mimic_cxr' (mimic_cxr is a dataset without a task of its own" in err and "rsna_cls" in err
+    assert main(["list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("task shortcuts"))
+    assert all(f"{data} -> {task}" in line for data, task in MAIN_TASKS.items())
+
+
+def test_task_shortcuts_come_from_the_configs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's dataset with a segmentation and a classification task gets the classification one."""
+    from medvlp_bench.config import task_shortcuts
+
+    user = workdir / "my_configs"
+    (user / "data").mkdir(parents=True)
+    (user / "data" / "mine.yaml").write_text("defaults:\n  - phantom_cxr\n  - _self_\nname: mine\n")
+    for name, target in (("mine_seg", "segmentation.Segmentation"), ("mine_cls", "classification.Classification")):
+        (user / "task").mkdir(exist_ok=True)
+        (user / "task" / f"{name}.yaml").write_text(
+            f"defaults:\n  - /data@data: mine\n  - _self_\n_target_: medvlp_bench.tasks.{target}\n"
+        )
+    assert "mine" not in task_shortcuts()
+    monkeypatch.setenv("MEDBENCH_CONFIG_PATH", str(user))
+    assert task_shortcuts()["mine"] == "mine_cls"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import fixtures_writer as fw
@@ -67,6 +69,61 @@ def test_data_splits_writes_deterministic_files(tmp_path: Path, workdir: Path) -
     assert set((tmp_path / "a" / "train_f0.1_s0.txt").read_text().split()) <= set(
         split.loc[split["split"] == "train", "id"]
     )
+
+
+def _duplicate_row(csv: Path, row: int) -> None:
+    """Append a copy of data row ``row`` (line ``row + 2``), as metadata with one row per visit or note has."""
+    table = pd.read_csv(csv)
+    pd.concat([table, table.iloc[[row]]]).to_csv(csv, index=False)
+
+
+def test_duplicate_csv_rows_name_the_file_value_lines_and_ways_out(
+    tmp_path: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from medvlp_bench.cli import main
+
+    fw.image_text_csv(tmp_path / "mine", n=6)
+    csv = tmp_path / "mine" / "data.csv"
+    _duplicate_row(csv, 2)  # img/002.png on lines 4 and 8
+    keys = [f"root={tmp_path / 'mine'}", "image_col=filename", "text_col=findings", "size=16"]
+    assert main(["data", "check", "image_text_csv", *keys]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    want = f"{csv}: 'img/002.png' is on 2 rows of column 'filename' (lines 4 and 8), but each sample must be one row"
+    assert want in err and "id_col=<a column with one value per row" in err and "drop_duplicates" in err
+
+    cell = ["run", "method=clip", "task=phantom_cxr_cls", "data=image_text_csv", *(f"data.{k}" for k in keys), *TINY]
+    assert main(cell) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and want in lines[0] and "(data: image_text_csv)" in lines[0]
+    assert not (workdir / "cache").exists()  # found before any phantom or checkpoint
+
+
+def test_duplicate_ids_in_a_fixed_layout_point_at_the_csv(tmp_path: Path, workdir: Path) -> None:
+    """NIH's index has no id_col option: the way out is to drop the duplicate row."""
+    from medvlp_bench.datasets._common import DataError
+    from medvlp_bench.datasets.nih_cxr14 import NIHChestXray14
+
+    fw.nih(tmp_path / "nih", patients=4)
+    _duplicate_row(tmp_path / "nih" / "Data_Entry_2017.csv", 5)
+    with pytest.raises(DataError) as err:
+        NIHChestXray14(str(tmp_path / "nih"), size=16).preflight()
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'nih' / 'Data_Entry_2017.csv'}: '00000003_001.png' is on 2 rows of column")
+    assert "'Image Index' (lines 7 and 10)" in msg and "id_col" not in msg and "drop the duplicate rows" in msg
+
+
+def test_data_check_on_jpegs_is_quiet(tmp_path: Path, workdir: Path) -> None:
+    """MONAI logged "nvImageCodec is not available" once per file read on machines without its GPU decoder."""
+    for split in ("train", "test"):
+        for cls in ("normal", "effusion"):
+            for i in range(3):
+                fw.save_png(tmp_path / "jpg" / split / cls / f"{i}.jpg", fw.xray(), "JPEG")
+    exe = Path(sys.executable).with_name("medbench")
+    args = [str(exe), "data", "check", "imagefolder", f"root={tmp_path / 'jpg'}", "size=16"]
+    out = subprocess.run(args, cwd=workdir, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "OK: 12 sample(s) read" in out.stdout and "nvImageCodec" not in out.stdout + out.stderr
 
 
 @pytest.mark.slow
