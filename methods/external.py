@@ -210,7 +210,7 @@ class External(Method):
 
     def __init__(
         self,
-        format: str,  # noqa: A002 - the user-facing key is external.format
+        format: str | None,  # noqa: A002 - the user-facing key is external.format
         path: str | None,
         *,
         arch: str | None = None,
@@ -222,6 +222,8 @@ class External(Method):
         allow_missing: bool = False,
         num_maps: int = 4,
     ) -> None:
+        if format is None:
+            raise ConfigError(f"external.format is not set; choose one of {', '.join(FORMATS)} and set external.path")
         if format not in LOADERS:
             raise ConfigError(f"external.format={format!r} is not a known format; choose one of {', '.join(FORMATS)}")
         if init not in INITS:

@@ -274,6 +274,10 @@ def test_wrong_path_missing_file_and_mismatched_architecture_are_one_line_errors
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"external.path={tmp_path / 'nope'}: no such folder" in err
 
+    assert main(["run", "method=external", "task=phantom_cxr_cls", "logger=none"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"medbench run: error: external.format is not set; choose one of {', '.join(FORMATS)} and set external.path"
+    )
     folder = open_clip_folder(tmp_path / "noweights")
     (folder / "open_clip_pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError) as e:
