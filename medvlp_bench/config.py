@@ -26,6 +26,14 @@ ALLOWED_TARGET_PREFIXES = ("medvlp_bench.",)
 
 if not OmegaConf.has_resolver("abspath"):
     OmegaConf.register_new_resolver("abspath", lambda p: str(Path(str(p)).expanduser().resolve()))
+if not OmegaConf.has_resolver("text_tower"):  # text_encoder.name: ${text_tower:${oc.select:data,null}}
+
+    def _text_tower(corpus: Any) -> str:
+        from .text import default_text_tower
+
+        return default_text_tower(corpus)
+
+    OmegaConf.register_new_resolver("text_tower", _text_tower)
 
 
 class ConfigError(ValueError):

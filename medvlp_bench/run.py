@@ -264,8 +264,10 @@ def load_method(folder: Path) -> Method:
     folder = Path(folder)
     if not checkpoint.is_checkpoint(folder):
         raise FileNotFoundError(f"no checkpoint at {folder} (expected {checkpoint.WEIGHTS} and {checkpoint.CONFIG})")
-    method = instantiate(OmegaConf.create(checkpoint.read_config(folder)["model"]))
+    info = checkpoint.read_config(folder)
+    method = instantiate(OmegaConf.create(info["model"]))
     checkpoint.load_weights(method, folder)
+    method.provenance = info  # encoder_shift, proxy, corpus_stats: carried into the rows
     return method
 
 
@@ -392,6 +394,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
         "subset_size": len(res.subset_ids or []),
         "subset_sha256": rows[0].subset_sha256,
         "config": to_container(cfg),
+        "pretraining": pretraining(method),
         **res.extra,
     }
     if res.subset_ids is not None and len(res.subset_ids) <= 5000:
@@ -432,6 +435,8 @@ def make_rows(
         device=device_name(cfg.trainer),
         n_test=res.n_test,
         subset_sha256=subset_sha,
+        learned=pretraining(method).get("learned"),
+        text_encoder=text_encoder_name(cfg, method),
     )
     return [
         results.ResultRow(
@@ -443,6 +448,29 @@ def make_rows(
         )
         for k, v in res.metrics.items()
     ]
+
+
+def pretraining(method: Method) -> dict[str, Any]:
+    """What the evaluated checkpoint says about its pre-training: ``encoder_shift``, the proxy (without its
+    curve) and ``learned``; empty for a method evaluated from its initialisation or a checkpoint without them."""
+    info = getattr(method, "provenance", None) or {}
+    proxy_info = dict(info.get("proxy") or {})
+    proxy_info.pop("curve", None)
+    out: dict[str, Any] = {k: info[k] for k in ("encoder_shift", "corpus_stats") if info.get(k) is not None}
+    if proxy_info:
+        out["proxy"] = proxy_info
+        out["learned"] = proxy_info.get("learned")
+    return out
+
+
+def text_encoder_name(cfg: DictConfig, method: Method) -> str | None:
+    """The text tower a method was built with (its config name or local path), None without one."""
+    if method.text_encoder is None:
+        return None
+    info = getattr(method, "provenance", None) or {}
+    model = info.get("model") or to_container(cfg.method.model)
+    name = (model.get("text_encoder") or {}).get("name") if isinstance(model, dict) else None
+    return str(name) if name is not None else type(method.text_encoder).__name__
 
 
 def _flat_params(cfg: DictConfig) -> dict[str, Any]:
