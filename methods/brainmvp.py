@@ -19,8 +19,8 @@ Equations, defaults and deviations: docs/methods/brainmvp.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from medvlp_bench.encoders import ImageEncoder
 from medvlp_bench.losses import info_nce
 from medvlp_bench.method import Method
 from medvlp_bench.methods import brainmvp_masking as bm
+from medvlp_bench.proxy import ProxyScore, gain_verdict
 from medvlp_bench.types import Batch, ImageFeatures
 
 
@@ -228,6 +229,31 @@ class BrainMVP(Method):
             contrast = 0.5 * (info_nce(student, teacher, t) + info_nce(teacher, student, t))
         loss = w1 * rec1 + w2 * rec2 + wc * contrast
         return {"loss": loss, "rec_template": rec1, "rec_cross": rec2, "contrast": contrast, "cross_modal": v["cross"]}
+
+    @torch.no_grad()
+    def proxy_score(self, loader: Iterable[dict[str, Any]]) -> ProxyScore | None:
+        """Proof of learning: held-out reconstruction error of view 1 (masked blocks from the template) beside
+        the error of the best input-independent prediction, each voxel's mean over the held-out targets: no
+        model whose encoder carries nothing about the input can do better, so beating it shows that it does.
+        The generic val-loss proxy cannot judge this objective: its terms switch on with the epochs (cross-modal
+        view 2, InfoNCE), so the loss rises while the model learns. Crops, modalities and masks are fixed
+        (seed 0; the global RNG is left as it was), so the epochs' scores are comparable."""
+        err, n, s1, s2 = 0.0, 0, 0.0, 0.0
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            for batch in loader:
+                v = self.make_views(batch["image"].to(self.device), progress=0.0)
+                target = v["target"].double()
+                rec = self.rec_decoder(self.image_encoder(v["view1"]).maps[-1], self.crop).double()
+                err += float(((rec - target) ** 2).sum())
+                n, s1, s2 = n + len(target), s1 + target.sum(0), s2 + (target**2).sum(0)
+        if n == 0:
+            return None
+        voxels = n * math.prod(self.crop)
+        value, mean_err = err / voxels, float((s2 - s1**2 / n).sum()) / voxels
+        learned = gain_verdict(value, mean_err)
+        return ProxyScore("reconstruction", {"rec_template": value}, {"per_voxel_mean": mean_err}, learned)
 
     # ---- downstream ------------------------------------------------------------------------------
     def adapt_to_input(self, in_channels: int, *, frozen: bool = True) -> None:

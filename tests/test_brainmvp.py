@@ -282,6 +282,41 @@ def test_yaml_builds_a_one_channel_encoder_for_four_channel_data(workdir) -> Non
     assert tuple(m.templates_no_decay.shape) == (4, 64, 64, 64)
 
 
+class _Fixed(torch.nn.Module):
+    """A stand-in reconstruction decoder that returns a given volume batch, whatever the encoder says."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, deepest: torch.Tensor, size) -> torch.Tensor:
+        return self.out
+
+
+def test_proxy_scores_held_out_reconstruction_against_the_per_voxel_mean() -> None:
+    """The generic val-loss proxy compared BrainMVP's end-of-run loss, which has gained the InfoNCE and
+    cross-modal terms, with its start, so it read 'not learned' whatever happened; this one compares the held-out
+    reconstruction with the best constant volume (hand-computed here)."""
+    torch.manual_seed(4)
+    vols = torch.randn(3, 1, 16, 16, 16)
+    image = vols.repeat(1, 4, 1, 1, 1)  # every modality the same volume: the target is known whatever is drawn
+    loader = [{"image": image[:2]}, {"image": image[2:]}]
+    m = _method(template_size=16, crop_size=16).eval()  # crop = image: the target is the whole volume
+    by_hand = float(np.var(vols.numpy().astype(np.float64), axis=0).mean())
+    rng = torch.get_rng_state()
+    first = m.proxy_score(loader)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert first.kind == "reconstruction" and first.reference["per_voxel_mean"] == pytest.approx(by_hand)
+    assert m.proxy_score(loader).values == first.values  # fixed views: epochs are comparable
+    assert first.learned is False  # an untrained encoder + decoder
+    m.rec_decoder = _Fixed(vols.mean(0, keepdim=True))  # the per-voxel mean itself: the reference, not better
+    assert m.proxy_score(loader).values["rec_template"] == pytest.approx(by_hand)
+    assert m.proxy_score(loader).learned is False
+    m.rec_decoder = _Fixed(vols[:2])  # a perfect reconstruction of the first batch
+    score = m.proxy_score([loader[0]])
+    assert score.values["rec_template"] == pytest.approx(0.0) and score.learned is True
+
+
 @pytest.mark.slow  # uniformer_tiny at 32^3: 40 s on one free core, minutes on a loaded 2-core machine
 def test_a_short_fit_lowers_the_reconstruction_error() -> None:
     vols = np.stack([generate(i, size=32).image for i in range(4)])
