@@ -17,8 +17,12 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-def make_logger(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Logger | None:
-    """Build the configured Lightning logger (``kind``: mlflow | csv | none)."""
+def make_logger(cfg: DictConfig, run_name: str, tags: dict[str, Any]) -> Logger | None:
+    """Build the configured Lightning logger (``kind``: mlflow | csv | none).
+
+    Tag values are sent as strings: a tracking server's REST store refuses any other type (an int
+    ``task_version`` failed there while the local SQLite store took it).
+    """
     kind = cfg.get("kind", "none")
     if kind == "none":
         return None
@@ -41,7 +45,7 @@ def make_logger(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> Logger 
         experiment_name=str(cfg.experiment),
         run_name=run_name,
         tracking_uri=uri,
-        tags=tags,
+        tags={k: str(v) for k, v in tags.items()},
         artifact_location=artifacts,
         log_model=False,
     )
