@@ -278,28 +278,40 @@ def test_hf_captioner_backend_offline_deterministic_and_cached(ct64: PhantomData
     ("task", "header"),
     [("phantom_cxr_cls", "radiograph"), pytest.param("phantom_ct_cls", "CT", marks=pytest.mark.slow)],
 )
-def test_short_fit_lowers_loss_and_prepares_texts_once(phantom_cache: Path, tmp_path: Path, task: str, header: str):
-    """2D by default (a 3D Swin step takes seconds on a 2-core CPU); the 3D run is marked slow."""
+def test_short_fit_trains_what_it_should_and_prepares_texts_once(
+    phantom_cache: Path, tmp_path: Path, task: str, header: str
+) -> None:
+    """2D by default (a 3D Swin step takes seconds on a 2-core CPU); the 3D run is marked slow.
+
+    No "the loss went down" check: on 8 phantoms whose generated texts differ only in a number or two, the
+    image-text loss of an 8-step fit moves by noise (measured: 15.9 -> 16.1 or 19.4 -> 17.1 depending on the
+    Swin's window size). That pre-training moves the encoder is measured at suite scale (``encoder_shift``,
+    docs/methods/gtgm.md). Here: which parameters the optimiser moves, and the text cache.
+    """
     extra = {"method.model.lr": 1e-3, "method.model.views.crop_fraction": 0.5}
     m, dm = _method_and_data(phantom_cache, tmp_path, task, **extra)
     dm.batch_size = 4
-    batch = next(iter(dm.loader("train", batch_size=8)))
-    # the training texts, as on_fit_start makes them (so the loss before and after sees the same texts)
-    m._source = TextSource(build_generator(m.textgen_cfg, dm), m.textgen_cfg["cache_dir"])
-    m._texts = {s["id"]: m._source.text(s["image"].numpy(), s["id"]) for s in dm.dataset("train")}
-
-    def loss() -> float:
-        m.train()
-        torch.manual_seed(5)
-        with torch.no_grad():
-            return m.pretrain_step(batch)["loss"].item()
-
-    before = loss()
+    bert = m.text_encoder.model
+    before = {
+        "trunk": [p.detach().clone() for p in m.image_encoder.parameters()],
+        "head": [p.detach().clone() for p in m.image_head.parameters()],
+        "text layer 1": [p.detach().clone() for p in bert.encoder.layer[1].parameters()],
+        "text embeddings": [p.detach().clone() for p in bert.embeddings.parameters()],
+        "frozen text layer 0": [p.detach().clone() for p in bert.encoder.layer[0].parameters()],
+    }
     L.seed_everything(0, verbose=False)
     kw = dict(max_steps=8, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False)
     L.Trainer(**kw, enable_model_summary=False, num_sanity_val_steps=0).fit(m, datamodule=dm)
-    assert m.text_source.generated == 4  # the 4 validation volumes; the 8 training ones came from the cache
+    assert m.text_source.generated == 12  # the 8 training and 4 validation volumes, once each
     assert len(m._texts) == 12 and all(t.startswith(header) for t in m._texts.values())
-    assert loss() < before
+    after = {
+        "trunk": list(m.image_encoder.parameters()),
+        "head": list(m.image_head.parameters()),
+        "text layer 1": list(bert.encoder.layer[1].parameters()),
+        "text embeddings": list(bert.embeddings.parameters()),
+        "frozen text layer 0": list(bert.encoder.layer[0].parameters()),
+    }
+    moved = {k: any(not torch.equal(a, b) for a, b in zip(before[k], after[k])) for k in before}
+    assert moved == {k: k != "frozen text layer 0" for k in before}
     L.Trainer(**{**kw, "max_steps": 1}, enable_model_summary=False, num_sanity_val_steps=0).fit(m, datamodule=dm)
     assert m.text_source.generated == 0  # the second run reads every text from the cache
