@@ -89,7 +89,7 @@ class GTGMHead(nn.Module):
         if self.norm == "instance" and deepest.shape[2:].numel() == 1:
             raise ValueError(
                 f"method.model.head_norm=instance needs a deepest map of more than one voxel, got "
-                f"{tuple(deepest.shape[2:])} (input side < 64); set method.model.head_norm=batch"
+                f"{tuple(deepest.shape[2:])} (crops of at most 32 voxels a side); set method.model.head_norm=batch"
             )
         return self.linear(self.encoder10(deepest).flatten(2).mean(-1))
 
