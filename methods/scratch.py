@@ -12,3 +12,6 @@ class Scratch(Method):
 
     impl_source: ClassVar[str] = "baseline"
     needs_pretraining: ClassVar[bool] = False
+    #: 2: scratch_swin's encoder changed with GTGM's (CPU-sized Swin by default, 4^3 windows at `tiny:`). Versions
+    #: are per class, so scratch, scratch_vit and scratch_brainmvp are re-run too (cheap: nothing is pre-trained)
+    version: ClassVar[int] = 2
