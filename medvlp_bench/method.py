@@ -74,6 +74,12 @@ class Method(L.LightningModule):
         """
         return {}
 
+    def proxy_texts(self, batch: Batch) -> dict[str, Tensor] | None:
+        """The tokenised text paired with each image of a validation batch, for the retrieval proxy: the
+        corpus's reports by default. A method that trains on text it writes itself (GTGM) returns that text,
+        so it is judged on what it learned from. None: the corpus has no image-text pairs."""
+        return batch.get("text")
+
     def proxy_score(self, loader: Any) -> Any:
         """A held-out proof of learning for a method without a joint image-text space, or None.
 

@@ -84,11 +84,13 @@ def retrieval_hits(img: Tensor, txt: Tensor, ks: tuple[int, ...] = KS) -> dict[s
     return out
 
 
-def retrieval_verdict(hits: int, n: int, k: int = max(KS)) -> tuple[float, bool]:
-    """One-sided binomial p-value of ``hits`` R@k successes in 2n queries against chance k/n, and p < ALPHA."""
+def retrieval_verdict(hits: int, n: int, k: int = max(KS)) -> tuple[float, bool | None]:
+    """One-sided binomial p-value of ``hits`` R@k successes in 2n queries against chance k/n, and p < ALPHA.
+
+    With n <= k every query hits by chance: nothing can be tested, so the verdict is None, not False."""
     chance = min(k, n) / n
     if chance >= 1.0:
-        return 1.0, False
+        return 1.0, None
     p = float(binomtest(hits, 2 * n, chance, alternative="greater").pvalue)
     return p, p < ALPHA
 
@@ -101,12 +103,13 @@ def retrieval_proxy(method: Any, loader: Any) -> ProxyScore | None:
     img: dict[str, list[Tensor]] = defaultdict(list)
     txt: dict[str, list[Tensor]] = defaultdict(list)
     for batch in loader:
-        if "text" not in batch:
-            return None
         batch = _to_device(batch, device)
+        text = method.proxy_texts(batch)
+        if text is None:  # no image-text pairs in this corpus: the caller falls back to the loss proxy
+            return None
         src = str(batch.get("source", ""))
         img[src].append(method.embed_image(batch["image"]).float().cpu())
-        txt[src].append(method.embed_text(batch["text"]).float().cpu())
+        txt[src].append(method.embed_text(text).float().cpu())
     values: dict[str, float] = {}
     reference: dict[str, float] = {}
     detail: dict[str, Any] = {"p_value": {}, "n": {}}
@@ -121,7 +124,8 @@ def retrieval_proxy(method: Any, loader: Any) -> ProxyScore | None:
         p, ok = retrieval_verdict(hits, n)
         detail["p_value"][src or "all"], detail["n"][src or "all"] = p, n
         verdicts.append(ok)
-    return ProxyScore("retrieval", values, reference, bool(verdicts) and all(verdicts), detail)
+    learned = None if not verdicts or any(v is None for v in verdicts) else all(verdicts)
+    return ProxyScore("retrieval", values, reference, learned, detail)
 
 
 @torch.no_grad()
@@ -141,10 +145,12 @@ def gain_verdict(value: float, reference: float) -> bool:
     return bool(np.isfinite(value) and value < (1.0 - MIN_GAIN) * reference)
 
 
-def score(method: Any, loader: Any, start: dict[str, float] | None = None) -> ProxyScore:
+def score(method: Any, loader: Any, start: dict[str, float] | None = None, allow_loss: bool = True) -> ProxyScore:
     """The proxy of ``method`` on ``loader`` (its validation split), in eval mode; the mode is restored.
 
     ``start`` is the val loss at the start of the run, the reference of the generic loss proxy.
+    ``allow_loss=False`` (several ranks) skips that fallback: a method's loss may gather across ranks, and
+    the proxy runs on rank 0 only, so it would wait for ranks that are training.
     """
     was_training = method.training
     method.eval()
@@ -154,6 +160,8 @@ def score(method: Any, loader: Any, start: dict[str, float] | None = None) -> Pr
         own = method.proxy_score(loader)
         if own is not None:
             return own
+        if not allow_loss:
+            return ProxyScore("val_loss", {}, {}, None, {"skipped": "the loss proxy runs on one process only"})
         loss = val_loss(method, loader)
         ref = (start or {}).get("val_loss", float("nan"))
         learned = gain_verdict(loss, ref) if np.isfinite(ref) else None
@@ -163,15 +171,17 @@ def score(method: Any, loader: Any, start: dict[str, float] | None = None) -> Pr
 
 
 class ProxyCallback(L.Callback):
-    """Scores the proxy at the start of fitting and after every training epoch (rank 0), logging a curve.
+    """Scores the proxy when training starts and after every training epoch (rank 0), logging a curve.
 
-    ``last`` holds the latest :class:`ProxyScore`; ``curve`` one dict per scoring (epoch -1 = start).
-    A corpus without a validation split gets no proxy (``last`` stays None) and a warning.
+    The first score is taken in ``on_train_start``, after the method's own ``on_fit_start`` (GTGM writes
+    its texts there). ``curve`` (one dict per scoring, epoch -1 = start), the starting reference and the last
+    score are saved in Lightning's resume checkpoint, so a resumed run keeps its true start and its curve.
+    A corpus without a validation split gets no proxy (``summary()`` is None) and a warning.
     """
 
     def __init__(self, datamodule: Any) -> None:
         self.datamodule = datamodule
-        self.last: ProxyScore | None = None
+        self.last: dict[str, Any] | None = None
         self.start: dict[str, float] = {}
         self.curve: list[dict[str, float]] = []
         self._disabled = False
@@ -185,25 +195,34 @@ class ProxyCallback(L.Callback):
             log.warning("no pre-training proxy score: %s", e)
             self._disabled = True
             return
-        result = score(method, loader, self.start)
-        if epoch < 0 and result.kind == "val_loss":
+        result = score(method, loader, self.start, allow_loss=trainer.world_size == 1)
+        if epoch < 0 and result.kind == "val_loss" and "val_loss" in result.values:
             self.start = {"val_loss": result.values["val_loss"]}
-        self.last = result
+        self.last = result.as_dict()
         self.curve.append({"epoch": epoch, **result.values})
-        if trainer.logger is not None:
+        if trainer.logger is not None and result.values:
             trainer.logger.log_metrics({f"proxy/{k}": v for k, v in result.values.items()}, step=epoch + 1)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._score(trainer, pl_module, -1)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.curve:  # a resumed run restored its start and curve from the checkpoint
+            self._score(trainer, pl_module, -1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._score(trainer, pl_module, trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": dict(self.start), "curve": list(self.curve), "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.start = dict(state_dict.get("start") or {})
+        self.curve = list(state_dict.get("curve") or [])
+        self.last = state_dict.get("last")
 
     def summary(self) -> dict[str, Any] | None:
         """What goes into the checkpoint's ``config.json`` (``proxy``): the last score and the curve."""
         if self.last is None:
             return None
-        return {**self.last.as_dict(), "curve": self.curve}
+        return {**self.last, "curve": self.curve}
 
 
 def report(summary: dict[str, Any] | None, name: str) -> None:

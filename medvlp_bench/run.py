@@ -203,6 +203,7 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
             "seed": int(cfg.seed),
             "code_version": code_version(),
             "pretrain_key": pretrain_key(cfg),
+            "method_version": type(method).version,
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
             "encoder_shift": checkpoint.relative_shift(init, method.image_encoder),
@@ -421,7 +422,7 @@ def make_rows(
         impl_source=method.impl_source,
         task=cfg.names.task,
         task_version=task.version,
-        method_version=type(method).version,
+        method_version=checkpoint_version(method),
         kind=task.kind,
         spatial_dims=int(task.data.spatial_dims),
         protocol=task.protocol,
@@ -448,6 +449,20 @@ def make_rows(
         )
         for k, v in res.metrics.items()
     ]
+
+
+def checkpoint_version(method: Method) -> int:
+    """The method version the evaluated weights were trained at: a ``ckpt=`` from an older version keeps its
+    own (rows must not pool it with the current version's); the class's version otherwise (seeded init,
+    an imported release)."""
+    info = getattr(method, "provenance", None) or {}
+    now = type(method).version
+    # a pre-training checkpoint written before versions existed (it has a pretrain_key) is version 1
+    have = int(info.get("method_version", 1 if "pretrain_key" in info else now))
+    if have != now:
+        log.warning("the checkpoint was pre-trained by version %d of %s (now %d): its rows say %d", have,
+                    type(method).__name__, now, have)  # fmt: skip
+    return have
 
 
 def pretraining(method: Method) -> dict[str, Any]:

@@ -24,6 +24,9 @@ from medvlp_bench.types import Batch
 
 class CLIP(Method):
     impl_source: ClassVar[str] = "baseline"
+    #: 2: the text tower follows the corpus (bert_tiny on phantoms, MiniLM on real reports, configs/method/clip.yaml)
+    #: and a corpus without reports is refused before any step
+    version: ClassVar[int] = 2
 
     def __init__(
         self,

@@ -200,6 +200,10 @@ class GTGM(Method):
         image = image.detach().float().cpu().numpy() if isinstance(image, Tensor) else image
         return self.text_source.text(image, str(sample["id"]))
 
+    def proxy_texts(self, batch: Batch) -> dict[str, Tensor]:
+        """GTGM is judged on the text it trains on: each volume's generated text, not a corpus report."""
+        return {k: v.to(self.device) for k, v in self.text_encoder.tokenizer(self.texts_for(batch)).items()}
+
     def texts_for(self, batch: Batch) -> list[str]:
         """The generated text of each volume in the batch; volumes not prepared in ``on_fit_start`` (no
         datamodule, or a direct call) get theirs from the batch image, which is augmented during training."""

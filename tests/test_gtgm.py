@@ -315,3 +315,15 @@ def test_short_fit_trains_what_it_should_and_prepares_texts_once(
     assert moved == {k: k != "frozen text layer 0" for k in before}
     L.Trainer(**{**kw, "max_steps": 1}, enable_model_summary=False, num_sanity_val_steps=0).fit(m, datamodule=dm)
     assert m.text_source.generated == 0  # the second run reads every text from the cache
+
+
+def test_proxy_scores_gtgm_on_its_own_generated_text(phantom_cache: Path, tmp_path: Path) -> None:
+    """The retrieval proxy pairs each volume with the text GTGM trains on, not with the corpus's report."""
+    m, dm = _method_and_data(phantom_cache, tmp_path, "phantom_cxr_cls")
+    m.eval()
+    dm.tokenizer = m.text_encoder.tokenizer  # as run.pretrain sets it: the batch then carries the report
+    batch = next(iter(dm.loader("val")))
+    got = m.proxy_texts(batch)
+    want = m.text_encoder.tokenizer(m.texts_for(batch))
+    assert torch.equal(got["input_ids"].cpu(), want["input_ids"])
+    assert not torch.equal(got["input_ids"].cpu(), batch["text"]["input_ids"])  # not the phantom report

@@ -34,7 +34,7 @@ def test_retrieval_verdict_is_a_one_sided_binomial_test_against_k_over_n() -> No
     assert not ok and p_chance == pytest.approx(binom.sf(19, 2 * n, k / n))
     p_good, ok = proxy.retrieval_verdict(hits=40, n=n, k=k)
     assert ok and p_good < 1e-4
-    assert proxy.retrieval_verdict(hits=20, n=10, k=10) == (1.0, False)  # k >= n: every query hits
+    assert proxy.retrieval_verdict(hits=20, n=10, k=10) == (1.0, None)  # k >= n: nothing to test
 
 
 def test_gain_verdict_needs_a_real_drop() -> None:
@@ -167,3 +167,41 @@ def test_report_table_shows_learned(tmp_path: Path) -> None:
     )  # fmt: skip
     html = _leaderboard_table("t", g)
     assert "a v2 (not learned)" in html and ">NO<" in html and ">—<" in html
+
+
+class _NoData:
+    """A datamodule whose validation split must not be read."""
+
+    def val_dataloader(self) -> None:
+        raise AssertionError("scored again")
+
+
+def test_a_resumed_run_keeps_its_start_and_curve() -> None:
+    first = proxy.ProxyCallback(_NoData())
+    first.start, first.curve = {"val_loss": 2.0}, [{"epoch": -1, "val_loss": 2.0}, {"epoch": 0, "val_loss": 1.5}]
+    first.last = {"kind": "val_loss", "values": {"val_loss": 1.5}, "reference": {}, "learned": True}
+    resumed = proxy.ProxyCallback(_NoData())
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # plain data: weights_only loads it
+    resumed.on_train_start(None, None)  # type: ignore[arg-type]  # restored: the start is not re-scored
+    assert resumed.start == {"val_loss": 2.0} and resumed.summary() == first.summary()
+
+
+def test_the_loss_proxy_is_skipped_on_several_ranks() -> None:
+    m = _LossOnly()
+    loader = [{"image": torch.ones(2, 1)}]
+    out = proxy.score(m, loader, allow_loss=False)  # pretrain_step may gather: rank 0 alone would hang
+    assert out.learned is None and out.values == {} and "one process" in out.detail["skipped"]
+
+
+def test_rows_keep_the_version_a_checkpoint_was_trained_at() -> None:
+    from medvlp_bench.run import checkpoint_version
+
+    class _V2(torch.nn.Module):
+        version = 2
+
+    m = _V2()
+    assert checkpoint_version(m) == 2  # seeded init or an imported release: the class's version
+    m.provenance = {"pretrain_key": "abc"}  # our checkpoint from before versions existed
+    assert checkpoint_version(m) == 1
+    m.provenance = {"pretrain_key": "abc", "method_version": 2}
+    assert checkpoint_version(m) == 2

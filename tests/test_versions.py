@@ -78,38 +78,41 @@ def test_update_refuses_an_unbumped_change_and_records_a_bumped_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lock_path = tmp_path / "versions.lock.json"
+    v = CLIP.version  # the test bumps relative to the current version
     monkeypatch.setattr(versions, "current", lambda: _only("methods", "clip"))
     assert versions.update(lock_path) == []
     recorded = lock_path.read_bytes()
-    assert json.loads(recorded)["methods"]["clip"]["version"] == 1
+    assert json.loads(recorded)["methods"]["clip"]["version"] == v
     assert versions.main(["--lock", str(lock_path)]) == 0
 
     _edit(monkeypatch, "clip.py", lambda s: s.replace("F.normalize(", "F.normalize(1.0 * ", 1))
     assert versions.main(["--lock", str(lock_path)]) == 1
     (refusal,) = versions.update(lock_path)
-    assert "method 'clip'" in refusal and "version: ClassVar[int] = 2` on medvlp_bench.methods.clip.CLIP" in refusal
+    assert (
+        "method 'clip'" in refusal and f"version: ClassVar[int] = {v + 1}` on medvlp_bench.methods.clip.CLIP" in refusal
+    )
     assert lock_path.read_bytes() == recorded  # nothing written: the lock cannot silence the check
 
-    monkeypatch.setattr(CLIP, "version", 2)
+    monkeypatch.setattr(CLIP, "version", v + 1)
     assert versions.problems(versions.read_lock(lock_path), _only("methods", "clip")) == [
-        f"method 'clip': version 2 is not recorded yet: run `{versions.UPDATE}`"
+        f"method 'clip': version {v + 1} is not recorded yet: run `{versions.UPDATE}`"
     ]
     assert versions.update(lock_path) == []
-    assert versions.read_lock(lock_path)["methods"]["clip"].version == 2
+    assert versions.read_lock(lock_path)["methods"]["clip"].version == v + 1
     assert versions.main(["--lock", str(lock_path)]) == 0
 
-    monkeypatch.setattr(CLIP, "version", 1)  # a version never goes down
+    monkeypatch.setattr(CLIP, "version", v)  # a version never goes down
     (refusal,) = versions.update(lock_path)
-    assert "version 1 is below the recorded 2" in refusal
+    assert f"version {v} is below the recorded {v + 1}" in refusal
 
 
 def test_bumping_a_method_version_changes_the_pretraining_key(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose("pretrain", ["method=clip", "data=phantom_cxr"])
     v1 = pretrain_key(cfg)
-    monkeypatch.setattr(CLIP, "version", 2)
+    monkeypatch.setattr(CLIP, "version", CLIP.version + 1)
     v2 = pretrain_key(cfg)
     assert v2 != v1
-    monkeypatch.setattr(CLIP, "version", 3)
+    monkeypatch.setattr(CLIP, "version", CLIP.version + 1)
     assert pretrain_key(cfg) not in (v1, v2)
 
 
