@@ -28,3 +28,18 @@ def repo_root() -> Path:
 
 def shared_data() -> Path:
     return Path(os.environ.get("MEDBENCH_SHARED_DATA", repo_root().parent / "shared" / "data"))
+
+
+def tiny_clip_pretrain(epochs: int) -> list[str]:
+    """Overrides of a seconds-long ``clip`` pre-training on tiny phantom X-rays (no logger, no progress bar)."""
+    return [
+        "method=clip",
+        "data=phantom_cxr",
+        "data.size=32",
+        *tiny_data("data"),
+        "logger=none",
+        "trainer.progress=none",
+        "method.model.image_encoder.name=resnet_tiny",
+        f"method.pretrain.max_epochs={epochs}",
+        "method.pretrain.batch_size=8",
+    ]

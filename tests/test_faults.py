@@ -15,26 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_data
+from helpers import tiny_clip_pretrain
 
 from medvlp_bench import results
 from medvlp_bench.checkpoint import AtomicCheckpointIO
 from medvlp_bench.run import resumable
 
 EXE = str(Path(sys.executable).with_name("medbench"))
-PRETRAIN = [
-    "pretrain",
-    "method=clip",
-    "data=phantom_cxr",
-    "data.size=32",
-    *tiny_data("data"),
-    "logger=none",
-    "trainer.progress=none",
-    "trainer.deterministic=true",
-    "method.model.image_encoder.name=resnet_tiny",
-    "method.pretrain.max_epochs=6",
-    "method.pretrain.batch_size=8",
-]
+PRETRAIN = ["pretrain", *tiny_clip_pretrain(6), "trainer.deterministic=true"]
 
 
 def _env(root: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_data
+from helpers import tiny_clip_pretrain, tiny_data
 from scipy.stats import binom
 
 from medvlp_bench import proxy
@@ -81,20 +81,7 @@ def test_pretraining_records_the_proxy_and_its_curve(workdir: Path) -> None:
     from medvlp_bench.run import pretrain
 
     epochs = 2
-    cfg = compose(
-        "pretrain",
-        [
-            "method=clip",
-            "data=phantom_cxr",
-            "data.size=32",
-            *tiny_data("data"),
-            "logger=none",
-            "trainer.progress=none",
-            "method.model.image_encoder.name=resnet_tiny",
-            f"method.pretrain.max_epochs={epochs}",
-            "method.pretrain.batch_size=8",
-        ],
-    )
+    cfg = compose("pretrain", tiny_clip_pretrain(epochs))
     folder = pretrain(cfg)
     info = json.loads((folder / "config.json").read_text())["proxy"]
     assert info["kind"] == "retrieval"
