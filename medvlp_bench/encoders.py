@@ -20,6 +20,20 @@ from .types import ImageFeatures
 from .uniformer import UniFormer
 
 
+def deepest_features(maps: list[Tensor]) -> ImageFeatures:
+    """Features of a trunk whose output is its deepest map: pooled is that map's spatial mean, tokens its
+    positions. One definition, so every convolutional and hierarchical encoder pools the same way."""
+    last = maps[-1]
+    return ImageFeatures(pooled=last.flatten(2).mean(-1), maps=maps, tokens=last.flatten(2).transpose(1, 2))
+
+
+def evenly_spaced_layers(num_layers: int, num_maps: int) -> list[int]:
+    """Indices of the ``num_maps`` transformer blocks, at evenly spaced depths, whose hidden states a ViT returns
+    as maps (UNETR's skip connections); shared by ``ViTEncoder`` and UniMedI's ViT."""
+    step = max(num_layers // num_maps, 1)
+    return [min(step * (i + 1), num_layers) - 1 for i in range(num_maps)]
+
+
 class ImageEncoder(nn.Module):
     """Base class: subclasses set the attributes below and implement ``forward``."""
 
@@ -72,8 +86,7 @@ class ResNetEncoder(ImageEncoder):
         for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
             x = layer(x)
             maps.append(x)
-        pooled = x.flatten(2).mean(-1)
-        return ImageFeatures(pooled=pooled, maps=maps, tokens=x.flatten(2).transpose(1, 2))
+        return deepest_features(maps)
 
 
 class ViTEncoder(ImageEncoder):
@@ -108,8 +121,7 @@ class ViTEncoder(ImageEncoder):
             spatial_dims=spatial_dims,
             classification=False,
         )
-        step = max(num_layers // num_maps, 1)
-        self.map_layers = [min(step * (i + 1), num_layers) - 1 for i in range(num_maps)]
+        self.map_layers = evenly_spaced_layers(num_layers, num_maps)
         self.feature_channels = [hidden_size] * num_maps
         self.feature_strides = [self.patch_size[0]] * num_maps
         self.out_dim = hidden_size
@@ -156,9 +168,7 @@ class SwinEncoder(ImageEncoder):
         self.out_dim = self.feature_channels[-1]
 
     def forward(self, image: Tensor) -> ImageFeatures:
-        maps = self.net(image, normalize=True)
-        last = maps[-1]
-        return ImageFeatures(pooled=last.flatten(2).mean(-1), maps=list(maps), tokens=last.flatten(2).transpose(1, 2))
+        return deepest_features(list(self.net(image, normalize=True)))
 
 
 class _GNResBlock(nn.Module):
@@ -209,7 +219,7 @@ class BrainUNetEncoder(ImageEncoder):
         c2 = n.conv2b(n.conv2a(x))
         c3 = n.conv3b(n.conv3a(n.ds2(c2)))
         c4 = n.conv4d(n.conv4c(n.conv4b(n.conv4a(n.ds3(c3)))))
-        return ImageFeatures(pooled=c4.flatten(2).mean(-1), maps=[c2, c3, c4], tokens=c4.flatten(2).transpose(1, 2))
+        return deepest_features([c2, c3, c4])
 
 
 class UniFormerEncoder(ImageEncoder):
@@ -252,8 +262,7 @@ class UniFormerEncoder(ImageEncoder):
         maps = self.net(x)
         if self.depth_last:
             maps = [m.permute(0, 1, 3, 4, 2) for m in maps]
-        last = maps[-1]
-        return ImageFeatures(pooled=last.flatten(2).mean(-1), maps=maps, tokens=last.flatten(2).transpose(1, 2))
+        return deepest_features(maps)
 
 
 #: name -> (class, default kwargs). Sizes follow the usual family names; ``*_tiny`` are for tests and

@@ -153,24 +153,24 @@ class Method(L.LightningModule):
         return distributed.gather_with_grad(x)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.pretrain_step(batch)
-        self.log_dict(
-            {f"train/{k}": v.detach().float() for k, v in out.items()},
-            prog_bar=False,
-            sync_dist=True,
-            batch_size=len(batch["image"]),
-        )
+        out = self._logged_step("train", batch)
         self.log("loss", out["loss"].detach().float(), prog_bar=True, logger=False, batch_size=len(batch["image"]))
         return out["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._logged_step("val", batch)
+
+    def _logged_step(self, stage: str, batch: Batch) -> dict[str, Tensor]:
+        """``pretrain_step`` with every part logged as ``<stage>/<key>``, one way for training and validation,
+        so both curves carry the same parts, synchronised and weighted by batch size alike."""
         out = self.pretrain_step(batch)
         self.log_dict(
-            {f"val/{k}": v.detach().float() for k, v in out.items()},
+            {f"{stage}/{k}": v.detach().float() for k, v in out.items()},
             prog_bar=False,
             sync_dist=True,
             batch_size=len(batch["image"]),
         )
+        return out
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on biases, norms, scalars (temperatures) and templates."""

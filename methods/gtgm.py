@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -34,9 +33,9 @@ from torch import Tensor, nn
 from medvlp_bench import distributed
 from medvlp_bench.encoders import ImageEncoder
 from medvlp_bench.losses import barlow_twins, clip_loss
-from medvlp_bench.method import Method
 from medvlp_bench.methods.gtgm_textgen import TextSource, build_generator
 from medvlp_bench.methods.gtgm_views import ViewMaker
+from medvlp_bench.methods.two_tower import TwoTower
 from medvlp_bench.text import TextEncoder
 from medvlp_bench.types import Batch
 
@@ -94,8 +93,9 @@ class GTGMHead(nn.Module):
         return self.linear(self.encoder10(deepest).flatten(2).mean(-1))
 
 
-class GTGM(Method):
-    """GTGM on a MONAI Swin trunk and a BERT-family text tower.
+class GTGM(TwoTower):
+    """GTGM on a MONAI Swin trunk and a BERT-family text tower, through ``TwoTower``'s towers with the released
+    head between the trunk and the image projection, GTGM's BN projections and a fixed temperature.
 
     Args:
         textgen: text generation settings: ``backend`` (describe | hf), ``seed``, ``cache_dir`` (None: no disk
@@ -114,6 +114,7 @@ class GTGM(Method):
     impl_source: ClassVar[str] = "official-code"
     #: 2: the released head (BT and projection on its output), released text freezing and views
     version: ClassVar[int] = 2
+    learned_temperature: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -131,11 +132,11 @@ class GTGM(Method):
         views: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(image_encoder, text_encoder, **kw)
-        self.image_head = GTGMHead(image_encoder.spatial_dims, image_encoder.out_dim, head_dim, head_norm)
-        self.image_proj = projection_head(head_dim, proj_hidden, self.embed_dim)
-        self.text_proj = projection_head(text_encoder.out_dim, proj_hidden, self.embed_dim)
-        self.temperature, self.bt_weight = float(temperature), float(bt_weight)
+        head = GTGMHead(image_encoder.spatial_dims, image_encoder.out_dim, head_dim, head_norm)
+        super().__init__(
+            image_encoder, text_encoder, temperature=temperature, proj_hidden=proj_hidden, image_head=head, **kw
+        )
+        self.bt_weight = float(bt_weight)
         self.bt_off_diagonal, self.bt_standardize = float(bt_off_diagonal), bool(bt_standardize)
         cfg = OmegaConf.to_container(textgen, resolve=True) if isinstance(textgen, DictConfig) else textgen
         self.textgen_cfg: dict[str, Any] = dict(cfg or {})
@@ -147,15 +148,17 @@ class GTGM(Method):
         self._texts: dict[str, str] = {}
 
     # ---- joint space ---------------------------------------------------------------------------
+    def projection(self, in_dim: int, hidden: int | None) -> nn.Module:
+        """GTGM's projection (``projection_head``: Linear -> BN -> ReLU -> Linear -> non-affine BN)."""
+        return projection_head(in_dim, hidden, self.embed_dim)
+
     def head_features(self, image: Tensor) -> Tensor:
         """[B, head_dim] released head output: the features the projection and the Barlow-Twins term see."""
         return self.image_head(self.image_features(image).maps[-1])
 
-    def embed_image(self, image: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(self.head_features(image)), dim=-1)
-
-    def embed_text(self, text: dict[str, Tensor]) -> Tensor:
-        return F.normalize(self.text_proj(self.text_encoder(**text).pooled), dim=-1)
+    def joint_image_features(self, image: Tensor) -> Tensor:
+        """The released head's output (``head_features``), not the trunk's pooled feature."""
+        return self.head_features(image)
 
     # ---- generated text ------------------------------------------------------------------------
     @property
@@ -236,8 +239,8 @@ class GTGM(Method):
         h1, h2 = self.head_features(self.view(batch["image"])), self.head_features(self.view(batch["image"]))
         scale = 1.0 / self.temperature
         # open_clip's ClipLoss averages the two directions; the released code adds them
-        clip1 = 2 * clip_loss(F.normalize(self.image_proj(h1), dim=-1), txt, scale)
-        clip2 = 2 * clip_loss(F.normalize(self.image_proj(h2), dim=-1), txt, scale)
+        clip1 = 2 * clip_loss(self.project_image(h1), txt, scale)
+        clip2 = 2 * clip_loss(self.project_image(h2), txt, scale)
         bt = cross_correlation_loss(h1, h2, self.bt_off_diagonal, self.bt_standardize)
         loss = clip1 + clip2 + self.bt_weight * bt
         return {"loss": loss, "clip_view1": clip1.detach(), "clip_view2": clip2.detach(), "barlow_twins": bt.detach()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from medvlp_bench import distributed
 from medvlp_bench.config import ConfigError
 from medvlp_bench.encoders import ImageEncoder
-from medvlp_bench.method import Method, ProjectionHead
+from medvlp_bench.methods.two_tower import TwoTower
 from medvlp_bench.report_labeler import DERIVED, ReportLabeler, corpus_vocabulary, to_binary
 from medvlp_bench.text import TextEncoder
 from medvlp_bench.types import Batch
@@ -119,10 +118,11 @@ class PromptLearner(nn.Module):
         return text_encoder(inputs_embeds=embeds, attention_mask=mask).pooled
 
 
-class UMCL(Method):
-    """Image-text-label contrast (see the module docstring).
+class UMCL(TwoTower):
+    """Image-text-label contrast (see the module docstring) on ``TwoTower``'s towers, plus learned prompts.
 
-    Args (the label side; the rest is in ``configs/method/umcl.yaml``):
+    Args (the label side; the rest is in ``configs/method/umcl.yaml``; ``temperature`` and ``proj_hidden`` are
+    ``TwoTower``'s, the learned logit scale floored at 0, i.e. T <= 1):
         vocabulary: ``auto`` (the labeller vocabulary ``corpus`` declares), a preset name
             (``report_labeler.VOCABULARIES``) or a list of finding names.
         class_names: ``auto`` (every class of the vocabulary, with its prompt text), a list of its classes, or
@@ -134,6 +134,7 @@ class UMCL(Method):
 
     impl_source: ClassVar[str] = "reimplementation"
     version: ClassVar[int] = 2  # 2: vocabulary and class names from the corpus; corpus_stats check
+    logit_scale_floor: ClassVar[float | None] = 0.0
 
     def __init__(
         self,
@@ -151,8 +152,6 @@ class UMCL(Method):
         label_text: str = "composed",
         soft_targets: str = "cosine",
         zeroshot_prompts: str = "learned",
-        temperature: float = 0.07,
-        proj_hidden: int | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(image_encoder, text_encoder, **kw)
@@ -175,10 +174,7 @@ class UMCL(Method):
         self.label_source, self.uncertain, self.label_text = label_source, uncertain, label_text
         self.soft_target_mode, self.zeroshot_prompts = soft_targets, zeroshot_prompts
         to_binary(np.zeros(1), uncertain)  # validates the policy name now, not mid-training
-        self.image_proj = ProjectionHead(image_encoder.out_dim, self.embed_dim, proj_hidden)
-        self.text_proj = ProjectionHead(text_encoder.out_dim, self.embed_dim, proj_hidden)
         self.prompt = PromptLearner(n_ctx, text_encoder.out_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
         self._label_cache: dict[str, np.ndarray] = {}
         self._kind_cache: dict[str, int] = {}
 
@@ -212,15 +208,9 @@ class UMCL(Method):
             raise ValueError(f"umcl: {key} must be one of {list(allowed)}, got {value!r}")
 
     # ---- joint space -----------------------------------------------------------------------------
-    def embed_image(self, image: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(self.encode_image(image)), dim=-1)
-
-    def embed_text(self, text: dict[str, Tensor]) -> Tensor:
-        return F.normalize(self.text_proj(self.text_encoder(**text).pooled), dim=-1)
-
     def embed_prompts(self, phrases: Sequence[str]) -> Tensor:
         """[N, E] learned-context prompts of free phrases (class names, "no <class>", label lists)."""
-        return F.normalize(self.text_proj(self.prompt(self.text_encoder, phrases)), dim=-1)
+        return self.project_text(self.prompt(self.text_encoder, phrases))
 
     def state_embeddings(self) -> Tensor:
         """[2, C, E]: row 0 the positive prompts ``ctx + <class>``, row 1 the negative ``ctx + no <class>``."""
@@ -384,7 +374,7 @@ class UMCL(Method):
         if is_label.any():
             idx = torch.nonzero(is_label).squeeze(1)
             txt = txt.index_put((idx,), self.label_embeddings(labels[idx], states))
-        scale = self.logit_scale.clamp(0.0, math.log(100.0)).exp()
+        scale = self.contrast_scale()
         labelled = kinds != KINDS.index("image_report")
         loss = soft_contrastive_loss(img, txt, labels, labelled, scale, self.soft_target_mode)
         loss = loss + 0.0 * states.sum()  # prompts join the graph every step (DDP needs every parameter used)

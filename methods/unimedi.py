@@ -26,7 +26,6 @@ after every optimiser step; parameters without gradients are neither optimised n
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -226,7 +225,7 @@ class UniMedI(CLIP):
         dims = image.ndim - 2
         n = image.shape[0]
         txt = self.embed_text(batch["text"])
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        scale = self.contrast_scale()
         out: dict[str, Tensor] = {}
         use_sd = self.weights["distill"] > 0 and self.mask_ratio > 0
         if use_sd:  # full and masked views in one forward: [x; x_masked]
@@ -239,7 +238,7 @@ class UniMedI(CLIP):
             out[f"distill{dims}d"] = self.distill_loss(feats.tokens[n:], target, mask)
         else:
             pooled = self.image_encoder(image).pooled
-        img = F.normalize(self.image_proj(pooled), dim=-1)
+        img = self.project_image(pooled)
         out[f"clip{dims}d"] = clip_loss(img, txt, scale, local_loss=self.local_loss)
         loss = self.weights["clip"] * out[f"clip{dims}d"]
         if use_sd:

@@ -20,7 +20,7 @@ from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 
-from medvlp_bench.encoders import ImageEncoder
+from medvlp_bench.encoders import ImageEncoder, evenly_spaced_layers
 from medvlp_bench.types import ImageFeatures
 
 
@@ -84,8 +84,7 @@ class UniMedIViT(ImageEncoder):
         for blk in self.blocks:  # MONAI builds this norm even without cross-attention; unused, it would break DDP
             blk.norm_cross_attn = nn.Identity()
         self.norm = nn.LayerNorm(hidden_size)
-        step = max(num_layers // num_maps, 1)
-        self.map_layers = [min(step * (i + 1), num_layers) - 1 for i in range(num_maps)]
+        self.map_layers = evenly_spaced_layers(num_layers, num_maps)
         self.feature_channels = [hidden_size] * num_maps
         self.feature_strides = [self.patch_size] * num_maps
         self.out_dim = hidden_size
