@@ -72,10 +72,11 @@ class MixedDataModule(L.LightningDataModule):
         parts: name -> datamodule (Hydra instantiates the part configs first).
         mode: ``alternate`` (whole batches of one part, interleaved); see docs/methods/unimedi.md for why
             batches are not mixed across parts.
-        batch_scale: per-part factor on the batch size that ``run.pretrain`` sets (default 1 for every part).
+        batch_scale: per-part factor on ``batch_size`` (default 1 for every part).
         spatial_dims, in_channels, size: what ``configs/pretrain.yaml`` reads as ``input.*``; they describe the
             highest-dimensional part. Encoders built from them alone cannot take the other parts, so this
             corpus is meant for methods whose encoder takes 2D and 3D (UniMedI).
+        batch_size, tokenizer, rng_seed: as for a single corpus (``MedDataModule``); ``run.pretrain`` gives them.
     """
 
     def __init__(
@@ -88,6 +89,9 @@ class MixedDataModule(L.LightningDataModule):
         spatial_dims: int | None = None,
         in_channels: int | None = None,
         size: int | None = None,
+        batch_size: int | None = None,
+        tokenizer: Tokenizer | None = None,
+        rng_seed: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -109,8 +113,15 @@ class MixedDataModule(L.LightningDataModule):
         self.in_channels = int(in_channels or next(iter(channels)))
         self.size = size
         self._batch_size = max(p.batch_size for p in self.parts.values())
+        if batch_size is not None:
+            self.batch_size = batch_size  # scaled per part (batch_scale)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer  # to every part
+        #: accepted like any corpus's, and kept for the record: the alternating loader shuffles with Lightning's
+        #: seeded samplers (PL_GLOBAL_SEED), not with this seed
+        self.rng_seed = rng_seed
 
-    # run.pretrain sets these on the corpus; they must reach the parts' loaders
+    # the batch size and tokenizer reach the parts' loaders
     @property
     def batch_size(self) -> int:
         return self._batch_size

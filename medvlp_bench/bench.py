@@ -1,27 +1,33 @@
 """``medbench bench``: a grid of methods x tasks x label fractions x seeds, resumable cell by cell.
 
-Each cell is an ordinary ``run``; a cell whose JSON already exists at the current method and task versions is
-skipped, so an interrupted bench picks up where it stopped. A cell stored at other versions is stale: it is
-re-run, and its file replaced in one rename. Several bench processes can share one results folder: each cell is one file
-renamed into place, and a non-blocking per-cell file lock makes a process skip the cells another is running.
-Pre-trained checkpoints are cached, so seeds and fractions reuse one pre-training.
+Every cell is resolved up front (``cell.resolve``), so a bad name or key fails before any work and
+``--dry-run`` can show the whole grid. A cell whose JSON already exists at the current method and task
+versions is skipped, so an interrupted bench picks up where it stopped. A cell stored at other versions is
+stale: it is re-run, and its file replaced in one rename. Several bench processes can share one results
+folder: each cell is one file renamed into place, and a non-blocking per-cell file lock makes a process skip
+the cells another is running. Pre-trained checkpoints are cached, so seeds and fractions reuse one
+pre-training.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from filelock import FileLock, Timeout
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from . import results
+from .cell import Cell, resolve
 from .config import compose, tiny_overrides
-from .run import evaluate, with_corpus
-from .versions import as_version, method_version
+from .run import evaluate
 
 log = logging.getLogger("medvlp_bench")
 
@@ -46,7 +52,7 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
     fractions = list(s.get("label_fractions") or [None])
     protocols = list(s.get("protocols") or [None])
     out = []
-    kinds = {task: task_kind(compose("run", ["method=scratch", f"task={task}"]).task) for task in s.tasks}
+    kinds = {task: _task_kind(task, os.environ.get("MEDBENCH_CONFIG_PATH", "")) for task in s.tasks}
     by_kind = s.get("task_overrides") or {}
     by_task = {task: [str(o) for o in by_kind.get(kind) or []] for task, kind in kinds.items()}
     by_method = s.get("method_overrides") or {}  # e.g. a pre-training lr only one method has
@@ -56,61 +62,80 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
     for method in s.methods:
         for task in s.tasks:
             for seed in s.seeds:
-                for protocol in protocols:
+                # a protocol list applies to classification; the other kinds keep their task's own protocol
+                for protocol in protocols if kinds[task] == "classification" else [None]:
                     for frac in [None] if kinds[task] in LABEL_FREE else fractions:
                         ov = [f"method={method}", f"task={task}", f"seed={seed}"]
                         ov += [f"task.label_fraction={frac}"] if frac is not None else []
                         ov += [f"task.protocol={protocol}"] if protocol is not None else []
-                        ov += tiny_overrides(method) if s.get("tiny") else []
+                        ov += _tiny(method, os.environ.get("MEDBENCH_CONFIG_PATH", "")) if s.get("tiny") else []
                         ov += list(s.get("overrides") or []) + by_task[task]
                         out.append(ov + [str(o) for o in by_method.get(method) or []] + passthrough)
     return out
 
 
-def task_kind(task_cfg: DictConfig) -> str:
-    """``classification`` | ``segmentation`` | ``retrieval`` | ``zeroshot``: the task class's module."""
-    return str(task_cfg.get("_target_", "")).rsplit(".", 2)[-2]
+@functools.cache
+def _task_kind(task: str, _config_path: str) -> str:
+    """The task class's ``kind`` (composed once per task and config path)."""
+    return str(get_class(str(compose("run", ["method=scratch", f"task={task}"]).task._target_)).kind)
+
+
+@functools.cache
+def _tiny(method: str, _config_path: str) -> list[str]:
+    return tiny_overrides(method)
 
 
 #: task kinds that train nothing on labels: label fractions and protocols do not vary them
 LABEL_FREE = ("retrieval", "zeroshot")
 
 
-def applicable(task_cfg: DictConfig, protocol: str | None) -> bool:
-    """Protocol lists apply to classification tasks only; other kinds keep their own protocol."""
-    return protocol is None or "classification" in str(task_cfg.get("_target_", ""))
-
-
-def plan(cfg: DictConfig, passthrough: list[str]) -> list[tuple[str, DictConfig, list[str]]]:
-    """Compose every cell up front, so a bad name or key fails before any work; drop duplicates."""
-    out: list[tuple[str, DictConfig, list[str]]] = []
+def plan(cfg: DictConfig, passthrough: list[str]) -> list[Cell]:
+    """Resolve every cell up front, so a bad name or key fails before any work; drop duplicates. Every cell
+    writes to the bench's results folder."""
+    out: list[Cell] = []
     seen: set[str] = set()
+    folder = f"paths.results_dir={Path(cfg.paths.results_dir).resolve()}"
     for ov in cells(cfg, passthrough):
-        run_cfg = compose("run", ov)
-        protocol = next((o.split("=", 1)[1] for o in ov if o.startswith("task.protocol=")), None)
-        if not applicable(run_cfg.task, protocol):
-            continue
-        t = run_cfg.task
-        name = results.cell_name(
-            run_cfg.names.method, run_cfg.names.task, str(t.protocol), float(t.label_fraction), int(run_cfg.seed)
-        )
-        if name not in seen:
-            seen.add(name)
-            out.append((name, run_cfg, ov))
+        cell = resolve([*ov, folder])
+        if cell.name not in seen:
+            seen.add(cell.name)
+            out.append(cell)
     return out
 
 
+def dry_run(cfg: DictConfig, passthrough: list[str]) -> str:
+    """The grid as ``--dry-run`` prints it: one line a cell (status, weights) and the count of each status."""
+    grid = plan(cfg, passthrough)
+    lines, counts = [], Counter()
+    for cell in grid:
+        status = cell.status()
+        counts[status] += 1
+        why = cell.gap if cell.gap else cell.weights_plan()
+        lines.append(f"{status:<15} {cell.name}  [{why}]")
+    where = Path(cfg.paths.results_dir) / "runs"
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "stale", "to run", "not applicable") if counts[s])
+    lines.append(f"{len(grid)} cells in {where}: {summary or 'none'}")
+    return "\n".join(lines)
+
+
 def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
+    """Run every cell of the suite that is not done at the current versions; one failed cell loses no other."""
     report = BenchReport()
     t0 = time.time()
     runs = Path(cfg.paths.results_dir) / "runs"
     grid = plan(cfg, passthrough)
     locks = runs / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
-    for i, (name, run_cfg, ov) in enumerate(grid, 1):
-        want = cell_versions(run_cfg)
-        if _is_current(runs, name, want):
+    for i, cell in enumerate(grid, 1):
+        name, status = cell.name, cell.status()
+        if status == "done":
             report.skipped.append(name)
+            continue
+        if status == "not applicable":
+            log.warning("skipping %s: %s", name, cell.gap)
+            if results.stored_versions(runs, name) is not None:
+                log.warning("%s no longer applies; its stored rows stay in %s until deleted", name, runs)
+            report.inapplicable.append(name)
             continue
         lock = FileLock(str(locks / f"{name}.lock"))
         try:
@@ -119,21 +144,21 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             report.busy.append(name)
             continue
         try:
-            if _is_current(runs, name, want):  # finished by another process since the first check
+            if cell.status() == "done":  # finished by another process since the first check
                 report.skipped.append(name)
                 continue
-            if (stored := results.stored_versions(runs, name)) is not None:
+            if status == "stale":
                 report.stale.append(name)
                 log.warning(
                     "%s: stored rows are at (method, task) versions %s, the code at %s: re-running the stale cell",
                     name,
-                    sorted(stored),
-                    want,
+                    sorted(results.stored_versions(runs, name) or ()),
+                    cell.versions,
                 )
             log.info("[%d/%d] %s", i, len(grid), name)
-            rows = evaluate(with_corpus(run_cfg, ov))
+            rows = evaluate(cell)
             (report.done if rows else report.inapplicable).append(name)
-            if not rows and stored is not None:
+            if not rows and status == "stale":
                 log.warning("%s no longer applies; its stale rows stay in %s until deleted", name, runs)
         except Exception as e:  # one broken cell must not lose the others
             if cfg.get("fail_fast", False):
@@ -147,17 +172,6 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
     report.leaderboard = results.write_leaderboard(Path(cfg.paths.results_dir))
     report.seconds = time.time() - t0
     return report
-
-
-def cell_versions(run_cfg: DictConfig) -> tuple[int, int]:
-    """(method_version, task_version) the code would write for a cell: part of the cell's identity."""
-    task = run_cfg.task
-    return method_version(run_cfg.method.model._target_), as_version(task.get("version", 1), run_cfg.names.task)
-
-
-def _is_current(runs: Path, name: str, want: tuple[int, int]) -> bool:
-    """The cell is stored and every row has the wanted versions (a stale or missing cell must run)."""
-    return results.stored_versions(runs, name) == {want}
 
 
 def suite_overrides(root_overrides: list[str]) -> tuple[list[str], list[str]]:

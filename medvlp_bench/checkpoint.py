@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .atomic import atomic_open, shared_mode_dir
+from .config import to_container
+from .versions import method_version
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -103,3 +106,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         with atomic_open(Path(path)) as f:
             torch.save(checkpoint, f)
+
+
+# ---- where a pre-training run is cached ------------------------------------------------------------
+def pretrain_key(cfg: DictConfig) -> str:
+    """Cache key of a pre-training run: method model + schedule + version, data, seed, precision (not
+    workers/paths). A bumped ``Method.version`` gives a new key, so edited code never reuses an old checkpoint;
+    version 1 adds nothing, so checkpoints cached before versions existed stay valid."""
+    skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir", "root")
+    data = {k: v for k, v in to_container(cfg.data).items() if k not in skip}
+    blob = {
+        "method": to_container(cfg.method),
+        "data": data,
+        "seed": int(cfg.seed),
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+    }
+    if (version := method_version(cfg.method.model._target_)) != 1:
+        blob["method_version"] = version
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    names = cfg.names
+    return Path(cfg.paths.checkpoint_dir) / f"{names.method}__{names.data}__s{cfg.seed}__{pretrain_key(cfg)}"

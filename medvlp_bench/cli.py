@@ -1,6 +1,9 @@
 """``medbench``: run | pretrain | bench | leaderboard | list | compare | report | convert | data.
 
-Overrides are Hydra-style (``method=clip task=phantom_cxr_cls seed=1 trainer=gpu method.model.lr=3e-4``).
+One style for every verb: what to run is Hydra-style ``key=value`` overrides (``method=clip
+task=phantom_cxr_cls seed=1 trainer=gpu method.model.lr=3e-4``); how the command behaves is ``--flags``
+(``--results DIR`` for every verb that reads or writes results, ``--dry-run`` for the verbs that would
+train, ``--format`` for the verbs that print tables).
 Lightning's DDP launcher re-runs ``sys.argv`` for the other ranks; since the verb stays in ``sys.argv``
 (configs are composed with Hydra's compose API, not ``@hydra.main``) children get the same verb back.
 """
@@ -15,6 +18,13 @@ from pathlib import Path
 
 VERBS = ("run", "pretrain", "bench", "leaderboard", "list", "data", "compare", "report", "convert")
 PASSTHROUGH = ("compare", "report", "convert")
+#: the ``--results`` help, as ``results.RESULTS_HELP`` (not imported: ``--help`` stays fast)
+RESULTS_HELP = "results folder (default: $MEDBENCH_RESULTS, else $MEDBENCH_HOME/results, else ./results)"
+DRY_RUN_HELP = {
+    "run": "print the resolved cell (weights: given, cached or to pre-train; corpus; rows) and exit",
+    "pretrain": "print the checkpoint folder and whether it is cached, and exit",
+    "bench": "print every cell of the grid as done, stale, to run or not applicable, and exit",
+}
 
 
 def _setup_logging(verbose: bool, heavy: bool) -> None:
@@ -63,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(verb, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra-style key=value overrides")
+        sp.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP[verb])
+        sp.add_argument("--results", default=None, help=RESULTS_HELP + "; the same as paths.results_dir=DIR")
     lb = sub.add_parser("leaderboard", help="aggregate result rows into leaderboard.csv/.md")
-    lb.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
+    lb.add_argument("--results", default=None, help=RESULTS_HELP)
     lb.add_argument("--format", choices=("csv", "md"), default="md", help="what to print")
     sub.add_parser("list", help="methods, tasks, datasets, suites and trainers found in the configs")
     cp = sub.add_parser(
@@ -119,41 +131,67 @@ def _list_external() -> None:
 
 
 def cmd_leaderboard(results_dir: str | None, fmt: str) -> int:
-    from .config import compose
     from .results import leaderboard_markdown, write_leaderboard
+    from .results import results_dir as find_results
 
-    folder = Path(results_dir) if results_dir else Path(compose("bench", ["suite=smoke"]).paths.results_dir)
+    folder = find_results(results_dir)
     lb = write_leaderboard(folder)
     print(lb.to_csv(index=False) if fmt == "csv" else leaderboard_markdown(lb), end="")
     print(f"\nwrote {folder / 'leaderboard.csv'} and {folder / 'leaderboard.md'} ({len(lb)} rows)", file=sys.stderr)
     return 0
 
 
-def cmd_run(overrides: list[str]) -> int:
-    from .config import compose
-    from .run import evaluate, with_corpus
+def with_results(overrides: list[str], results_dir: str | None) -> list[str]:
+    """``--results DIR`` as the ``paths.results_dir`` override (first, so an explicit override still wins)."""
+    if not results_dir:
+        return list(overrides)
+    return [f"paths.results_dir={Path(results_dir).expanduser().resolve()}", *overrides]
 
-    cfg = compose("run", overrides)
-    rows = evaluate(with_corpus(cfg, overrides))
+
+def cmd_run(overrides: list[str], dry_run: bool = False) -> int:
+    from .cell import resolve
+    from .run import evaluate
+
+    cell = resolve(overrides)
+    if dry_run:
+        from .preflight import check_cell
+
+        print(cell.describe())
+        if cell.gap is None:
+            check_cell(cell.cfg)  # a missing dataset or a bad ckpt= is an error here too, in seconds
+        return 0
+    rows = evaluate(cell)
     for r in rows:
         print(f"{r.task}\t{r.method}\t{r.protocol}\t{r.label_fraction:g}\ts{r.seed}\t{r.metric}\t{r.value:.4f}")
     return 0
 
 
-def cmd_pretrain(overrides: list[str]) -> int:
+def cmd_pretrain(overrides: list[str], dry_run: bool = False) -> int:
+    from .checkpoint import checkpoint_dir, is_checkpoint
     from .config import compose
     from .run import pretrain
 
-    folder = pretrain(compose("pretrain", overrides))
-    print(folder)
+    cfg = compose("pretrain", overrides)
+    if dry_run:
+        folder = checkpoint_dir(cfg)
+        sched = cfg.method.pretrain
+        state = "cached" if is_checkpoint(folder) else "to train"
+        print(f"{cfg.names.method} on {cfg.names.data} (seed {cfg.seed}, {sched.max_epochs} epochs, "
+              f"batch {sched.batch_size}): {state}: {folder}")  # fmt: skip
+        return 0
+    print(pretrain(cfg))
     return 0
 
 
-def cmd_bench(overrides: list[str]) -> int:
+def cmd_bench(overrides: list[str], dry_run: bool = False) -> int:
     from .bench import bench, compose_bench
+    from .bench import dry_run as plan_only
     from .results import leaderboard_markdown
 
     cfg, passthrough = compose_bench(overrides)
+    if dry_run:
+        print(plan_only(cfg, passthrough))
+        return 0
     report = bench(cfg, passthrough)
     print(leaderboard_markdown(report.leaderboard))
     busy = f", {len(report.busy)} running in another process" if report.busy else ""
@@ -214,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args.action, args.name, args.overrides)
         if args.verb == "leaderboard":
             return cmd_leaderboard(args.results, args.format)
-        return {"run": cmd_run, "pretrain": cmd_pretrain, "bench": cmd_bench}[args.verb](args.overrides)
+        verb = {"run": cmd_run, "pretrain": cmd_pretrain, "bench": cmd_bench}[args.verb]
+        return verb(with_results(args.overrides, args.results), args.dry_run)
     except (ConfigError, FileNotFoundError, DataError, ResultsWriteError) as e:
         print(f"medbench {args.verb}: error: {e}", file=sys.stderr)
         return 2

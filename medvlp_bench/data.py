@@ -227,6 +227,8 @@ class MedDataModule(L.LightningDataModule):
         class_names: label names (multi-label columns or classes, in index order).
         augment: training-time augmentation parameters for :class:`BatchAugment` (``False`` disables it);
             applied batched on the device after transfer, in training only.
+        tokenizer: the tokenizer of the method these loaders feed; batches then carry ``text`` (tokenised reports).
+        rng_seed: pre-training's seed for the shuffling and augmentation RNG (see ``on_before_batch_transfer``).
     """
 
     spatial_dims: int = 2
@@ -243,6 +245,8 @@ class MedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: bool | dict[str, float] = True,
         pin_memory: bool | None = None,
+        tokenizer: Tokenizer | None = None,
+        rng_seed: int | None = None,
     ) -> None:
         super().__init__()
         if task_type not in ("multilabel", "multiclass", "binary"):
@@ -253,10 +257,11 @@ class MedDataModule(L.LightningDataModule):
         params = augment if isinstance(augment, dict) else {}
         self.batch_augment = BatchAugment(**params) if augment is not False else None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.tokenizer: Tokenizer | None = None
-        # Set by the trainer's owner (pre-training): makes shuffling and augmentation pure functions of
+        #: tokenises reports into ``batch["text"]``: the tokenizer of the method the loaders feed (None: no text)
+        self.tokenizer: Tokenizer | None = tokenizer
+        # Given by the trainer's owner (pre-training): makes shuffling and augmentation pure functions of
         # (seed, rank, epoch, batch), so a run resumed from a checkpoint replays exactly. None: global RNG.
-        self.rng_seed: int | None = None
+        self.rng_seed: int | None = rng_seed
 
     # ---- to implement -------------------------------------------------------------------------
     def build_manifest(self) -> pd.DataFrame:

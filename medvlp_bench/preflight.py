@@ -74,8 +74,7 @@ def _needs_corpus(cfg: DictConfig) -> bool:
         return False
     if unmet_requirements(cfg.method, cfg.data) is not None:
         return False
-    from .checkpoint import is_checkpoint
-    from .run import checkpoint_dir  # run imports this module: import here, not at the top
+    from .checkpoint import checkpoint_dir, is_checkpoint
 
     return not is_checkpoint(checkpoint_dir(cfg))
 

@@ -192,7 +192,7 @@ def main_report(argv: Sequence[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="medbench report", description="self-contained HTML report of the results")
-    ap.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
+    ap.add_argument("--results", default=None, help=results.RESULTS_HELP)
     ap.add_argument("--out", default=None, help="output folder (default: <results>/report)")
     ap.add_argument("--baseline", default="scratch", help="method the paired tests compare against")
     ap.add_argument("--level", type=float, default=0.95, help="confidence level of the paired-test intervals")
@@ -200,7 +200,7 @@ def main_report(argv: Sequence[str]) -> int:
     args = ap.parse_args(list(argv))
     if not 0 < args.level < 1:
         return _fail(f"--level must be between 0 and 1, got {args.level}")
-    res_dir = Path(args.results) if args.results else stats.default_results_dir()
+    res_dir = results.results_dir(args.results)
     runs = res_dir / "runs"
     if not runs.is_dir():
         return _fail(f"no results folder {runs}; run `medbench bench` (or `medbench run`) first")

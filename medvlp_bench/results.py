@@ -237,6 +237,23 @@ def method_label(method: str, version: object, learned: object) -> str:
     return _named(method, version) + (" (not learned)" if learned is False else "")
 
 
+#: the ``--results`` help of every verb
+RESULTS_HELP = "results folder (default: $MEDBENCH_RESULTS, else $MEDBENCH_HOME/results, else ./results)"
+
+
+def results_dir(given: str | Path | None = None) -> Path:
+    """The results folder every verb uses: ``given`` (``--results``), else ``paths.results_dir`` of the default
+    paths config (``MEDBENCH_RESULTS``, else ``$MEDBENCH_HOME/results``, else ``./results``)."""
+    if given:
+        return Path(given).expanduser().resolve()
+    from omegaconf import OmegaConf
+
+    from .config import config_dir
+
+    cfg = OmegaConf.create({"paths": OmegaConf.load(config_dir() / "paths" / "default.yaml")})
+    return Path(str(cfg.paths.results_dir))
+
+
 def write_leaderboard(results_dir: Path) -> pd.DataFrame:
     """Rebuild ``leaderboard.csv`` and ``leaderboard.md`` from ``results_dir/runs`` (atomically)."""
     results_dir = Path(results_dir)

@@ -7,8 +7,6 @@ pre-training run on the task's corpus), lets the task judge it, and writes one J
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -22,16 +20,16 @@ import lightning as L
 import torch
 from filelock import FileLock
 from hydra.errors import InstantiationException
-from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, checkpoint, proxy, results, tracking
-from .config import ConfigError, compose, instantiate, to_container, unmet_requirements
+from .cell import Cell
+from .checkpoint import checkpoint_dir, pretrain_key
+from .config import ConfigError, instantiate, to_container, unmet_requirements
 from .method import Method
 from .preflight import check_cell, check_pretrain
 from .task import EvalContext, Task
-from .versions import method_version
 
 log = logging.getLogger("medvlp_bench")
 
@@ -95,28 +93,6 @@ def make_trainer(
 
 
 # ---- pre-training --------------------------------------------------------------------------------
-def pretrain_key(cfg: DictConfig) -> str:
-    """Cache key of a pre-training run: method model + schedule + version, data, seed, precision (not
-    workers/paths). A bumped ``Method.version`` gives a new key, so edited code never reuses an old checkpoint;
-    version 1 adds nothing, so checkpoints cached before versions existed stay valid."""
-    skip = ("num_workers", "pin_memory", "eval_batch_size", "batch_size", "target", "cache_dir", "root")
-    data = {k: v for k, v in to_container(cfg.data).items() if k not in skip}
-    blob = {
-        "method": to_container(cfg.method),
-        "data": data,
-        "seed": int(cfg.seed),
-        "precision": str(cfg.trainer.get("precision", "32-true")),
-    }
-    if (version := method_version(cfg.method.model._target_)) != 1:
-        blob["method_version"] = version
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    names = cfg.names
-    return Path(cfg.paths.checkpoint_dir) / f"{names.method}__{names.data}__s{cfg.seed}__{pretrain_key(cfg)}"
-
-
 def build_method(cfg: DictConfig) -> Method:
     try:
         method = instantiate(cfg.method.model)
@@ -159,12 +135,8 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
     if not method.needs_pretraining:
         raise ConfigError(f"method {cfg.names.method!r} has no pre-training objective")
     init = checkpoint.snapshot(method.image_encoder)  # the seeded init, also on resume (loaded later by fit)
-    dm = instantiate(cfg.data)
     sched = cfg.method.pretrain
-    dm.batch_size = int(sched.batch_size)
-    dm.rng_seed = int(cfg.seed)
-    if method.text_encoder is not None:
-        dm.tokenizer = method.text_encoder.tokenizer
+    dm = instantiate(cfg.data, batch_size=int(sched.batch_size), rng_seed=int(cfg.seed), tokenizer=tokenizer_of(method))
     stats = method.corpus_stats(dm)
     logger = tracking.make_logger(
         cfg.logger,
@@ -260,6 +232,11 @@ def resumable(last: Path) -> str | None:
     return str(last)
 
 
+def tokenizer_of(method: Method) -> Any:
+    """The tokenizer a datamodule needs to feed ``method`` its reports (None for a vision-only method)."""
+    return method.text_encoder.tokenizer if method.text_encoder is not None else None
+
+
 def load_method(folder: Path) -> Method:
     """Rebuild a method from a checkpoint folder (allow-listed config, safetensors weights)."""
     folder = Path(folder)
@@ -290,72 +267,21 @@ def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
-def with_corpus(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Fill ``cfg.data`` with the pre-training corpus, first found of: the user's ``data=``, the method's
-    ``pretrain.data`` (e.g. UniMedI's joint 2D+3D corpus), the task's ``pretrain_data``, the task's own data
-    (its training split, reports, no labels). Phantom sizes set on the task's data follow to a named corpus
-    (``FOLLOW_KEYS``)."""
-    if cfg.get("data") is not None:
-        return cfg
-    named = cfg.method.pretrain.get("data") or cfg.task.get("pretrain_data")
-    if named:
-        corpus = compose("run", [*overrides, f"data={named}"])
-        follow = _following_overrides(overrides, corpus.data)
-        return compose("run", [*overrides, f"data={named}", *follow]) if follow else corpus
-    with open_dict(cfg):
-        cfg.data = OmegaConf.masked_copy(cfg.task, ["data"]).data
-        cfg.data.target = "label"
-        cfg.names.data = cfg.task.data.get("name", cfg.names.task)
-    return cfg
-
-
-def _channel_gap(cfg: DictConfig) -> str | None:
-    """Why the corpus's channel count cannot serve the task's (a method that cannot adapt its stem), or None."""
-    corpus, task = cfg.data or cfg.task.data, cfg.task.data
-    have, need = corpus.get("in_channels"), task.get("in_channels")
-    if have is None or need is None or int(have) == int(need):
-        return None
-    if get_class(cfg.method.model._target_).adapt_to_input is not Method.adapt_to_input:
-        return None  # e.g. BrainMVP re-makes its stem for the task's channels
-    return f"it pre-trains on {int(have)}-channel {corpus.get('name', 'data')} and cannot take the task's {int(need)}"
-
-
-#: sizes of generated (phantom) data that follow from ``task.data`` to a named corpus, so that a small run
-#: (``suite=smoke``, tests) pre-trains on equally small data; nothing else (roots, batch sizes) follows
-FOLLOW_KEYS = ("size", "n_train", "n_val", "n_test")
-
-
-def _following_overrides(overrides: list[str], corpus: DictConfig) -> list[str]:
-    """``task.data.<k>=v`` (k in FOLLOW_KEYS) as overrides of the corpus or of each of its ``parts``."""
-    out = []
-    for o in overrides:
-        key, _, value = o.lstrip("+").partition("=")
-        k = key.removeprefix("task.data.")
-        if k == key or k not in FOLLOW_KEYS:
-            continue
-        if k in corpus:
-            out.append(f"data.{k}={value}")
-        for name, part in (corpus.get("parts") or {}).items():
-            if k in part:
-                out.append(f"data.parts.{name}.{k}={value}")
-    return out
-
-
-def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
-    """Evaluate one cell and write its rows; returns the rows (empty if the task does not apply)."""
+def evaluate(cell: Cell) -> list[results.ResultRow]:
+    """Run one resolved cell and write its rows; returns the rows (empty if the task does not apply)."""
     t0 = time.time()
-    names = cfg.names
+    cfg, names = cell.cfg, cell.cfg.names
     if is_rank_zero():
-        results.ensure_writable(Path(cfg.paths.results_dir) / "runs")
-    gap = unmet_requirements(cfg.method, cfg.data or cfg.task.data) or _channel_gap(cfg)
-    if cfg.get("ckpt") is None and gap:
-        log.warning("skipping %s on %s: %s", names.method, names.task, gap)
+        results.ensure_writable(cell.runs_dir)
+    if cell.gap is not None:
+        log.warning("skipping %s on %s: %s", names.method, names.task, cell.gap)
         return []
     check_cell(cfg)  # task data, corpus (unless cached), ckpt, device: seconds, before any work
-    task: Task = instantiate(cfg.task)
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():
         return []
+    # the task's datamodule is built complete: with the tokenizer of the method it will feed
+    task: Task = instantiate(cfg.task, data=instantiate(cfg.task.data, tokenizer=tokenizer_of(method)))
     if (gap := method.input_gap(int(task.data.spatial_dims), int(task.data.in_channels))) is not None:
         log.warning("skipping %s on %s: %s", names.method, names.task, gap)
         return []
@@ -363,12 +289,9 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     if (reason := task.skip_reason(method)) is not None:
         log.warning("skipping %s on %s: %s", names.method, names.task, reason)
         return []
-    if method.text_encoder is not None:
-        task.data.tokenizer = method.text_encoder.tokenizer
-    cell = results.cell_name(names.method, names.task, task.protocol, task.label_fraction, int(cfg.seed))
     logger = tracking.make_logger(
         cfg.logger,
-        f"eval/{cell}",
+        f"eval/{cell.name}",
         {
             "verb": "run",
             "method": names.method,
@@ -377,7 +300,7 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
             "code_version": code_version(),
         },
     )
-    work = Path(cfg.paths.work_dir) / "eval" / cell
+    work = Path(cfg.paths.work_dir) / "eval" / cell.name
     ctx = EvalContext(
         make_trainer=functools.partial(make_trainer, cfg.trainer, logger, True, default_root_dir=str(work)),
         seed=int(cfg.seed),
@@ -390,7 +313,6 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     res = task.evaluate(method, ctx)
     ckpt_sha = ckpt_sha or method.weights_sha256  # a model read from a file (external): that file's sha256
     rows = make_rows(cfg, task, method, res, ckpt_sha, tracking.run_id(logger), time.time() - t0)
-    runs = Path(cfg.paths.results_dir) / "runs"
     extra = {
         "subset_size": len(res.subset_ids or []),
         "subset_sha256": rows[0].subset_sha256,
@@ -400,12 +322,11 @@ def evaluate(cfg: DictConfig) -> list[results.ResultRow]:
     }
     if res.subset_ids is not None and len(res.subset_ids) <= 5000:
         extra["subset_ids"] = res.subset_ids
-    path = results.write_cell(runs, cell, rows, extra)
+    path = results.write_cell(cell.runs_dir, cell.name, rows, extra)
     files = [path]
     if res.predictions:
-        pred = Path(cfg.paths.results_dir) / "predictions" / f"{cell}.npz"
-        results.save_predictions(pred, **res.predictions)
-        files.append(pred)
+        results.save_predictions(cell.predictions_path, **res.predictions)
+        files.append(cell.predictions_path)
     tracking.log_final(logger, {f"{names.task}/{k}": v for k, v in res.metrics.items()}, _flat_params(cfg), files)
     return rows
 
@@ -500,8 +421,3 @@ def _flat_params(cfg: DictConfig) -> dict[str, Any]:
 
     walk(to_container(cfg), "")
     return {k: v for k, v in flat.items() if not k.startswith("paths.")}
-
-
-def run_cell(overrides: list[str]) -> list[results.ResultRow]:
-    """``medbench run`` for one list of overrides."""
-    return evaluate(with_corpus(compose("run", overrides), overrides))

@@ -280,11 +280,14 @@ def main_compare(argv: Sequence[str]) -> int:
     import argparse
     import sys
 
+    from .results import RESULTS_HELP
+    from .results import results_dir as find_results
+
     ap = argparse.ArgumentParser(prog="medbench compare", description="paired test of method A against B")
     ap.add_argument("method_a")
     ap.add_argument("method_b")
     ap.add_argument("options", nargs="*", help="task=<t> protocol= label_fraction= metric= n_boot= test= seed=")
-    ap.add_argument("--results", default=None, help="results folder (default: paths.results_dir)")
+    ap.add_argument("--results", default=None, help=RESULTS_HELP)
     ap.add_argument("--format", choices=("table", "csv"), default="table")
     args = ap.parse_args(list(argv))
     casts = {
@@ -310,20 +313,10 @@ def main_compare(argv: Sequence[str]) -> int:
         print("medbench compare: error: task=<name> is required", file=sys.stderr)
         return 2
     try:
-        df = compare(args.results or default_results_dir(), args.method_a, args.method_b, **kw)  # type: ignore[arg-type]
+        df = compare(find_results(args.results), args.method_a, args.method_b, **kw)  # type: ignore[arg-type]
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"medbench compare: error: {e}", file=sys.stderr)
         return 2
     cols = ["seed", "metric", "value_a", "value_b", "diff", "ci_low", "ci_high", "p_value", "test", "n_test"]
     print(df.to_csv(index=False) if args.format == "csv" else df[cols].to_string(index=False, float_format="%.4f"))
     return 0
-
-
-def default_results_dir() -> Path:
-    """``paths.results_dir`` of the default paths config (honours MEDBENCH_RESULTS and MEDBENCH_HOME)."""
-    from omegaconf import OmegaConf
-
-    from .config import config_dir
-
-    cfg = OmegaConf.create({"paths": OmegaConf.load(config_dir() / "paths" / "default.yaml")})
-    return Path(str(cfg.paths.results_dir))

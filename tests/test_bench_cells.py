@@ -7,11 +7,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from medvlp_bench import bench as bench_mod
 from medvlp_bench import results
 from medvlp_bench.bench import cells
+from medvlp_bench.cell import Cell
 from medvlp_bench.config import compose
 from medvlp_bench.methods.scratch import Scratch
 from medvlp_bench.results import ResultRow, write_cell
@@ -52,7 +53,7 @@ def test_a_cell_stored_at_other_versions_is_rerun_and_replaced(tmp_path: Path, m
     with open_dict(cfg):
         cfg.paths.results_dir = str(tmp_path)
     runs = tmp_path / "runs"
-    names = [name for name, _, _ in bench_mod.plan(cfg, [])]
+    names = [cell.name for cell in bench_mod.plan(cfg, [])]
     row = ResultRow(
         method="scratch_swin", impl_source="baseline", task="msd_hippocampus_seg", task_version=1,
         kind="segmentation", spatial_dims=3, protocol="finetune", label_fraction=0.1, seed=0, metric="dice",
@@ -66,15 +67,15 @@ def test_a_cell_stored_at_other_versions_is_rerun_and_replaced(tmp_path: Path, m
     monkeypatch.setattr(Scratch, "version", 2)  # the code now: Scratch bumped to 2
     ran: list[str] = []
 
-    def fake_evaluate(run_cfg: DictConfig) -> list[ResultRow]:
-        name = next(n for n in names if n.endswith(f"__s{run_cfg.seed}"))
-        ran.append(name)
-        rows = [replace(row, seed=int(run_cfg.seed), method_version=2, value=0.7)]
-        write_cell(runs, name, rows)
+    def fake_evaluate(cell: Cell) -> list[ResultRow]:
+        ran.append(cell.name)
+        rows = [replace(row, seed=cell.seed, method_version=2, value=0.7)]
+        write_cell(runs, cell.name, rows)
         return rows
 
     monkeypatch.setattr(bench_mod, "evaluate", fake_evaluate)
-    monkeypatch.setattr(bench_mod, "with_corpus", lambda run_cfg, ov: run_cfg)
+    assert "2 stale" not in bench_mod.dry_run(cfg, [])
+    assert "1 done, 1 stale" in bench_mod.dry_run(cfg, []).splitlines()[-1]
     report = bench_mod.bench(cfg, [])
     assert ran == [names[0]] and report.stale == [names[0]] and report.skipped == [names[1]]
     assert sorted(p.name for p in runs.glob("*.json")) == sorted(f"{n}.json" for n in names)  # replaced in place

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medvlp_bench import run
+from medvlp_bench.cell import Cell, resolve
 from medvlp_bench.config import compose, instantiate, tiny_overrides
 from medvlp_bench.datasets.phantom_mri import generate
 from medvlp_bench.encoders import build_image_encoder
@@ -208,7 +209,7 @@ def test_scratch_twin_builds_brainmvps_encoder_at_every_size() -> None:
     assert [o for o in cfgs[0].tiny if ".image_encoder." in o] == list(cfgs[1].tiny)
 
 
-def _linear_probe_features(cfg, method: BrainMVP, x: torch.Tensor, seed: int, monkeypatch) -> torch.Tensor:
+def _linear_probe_features(cell: Cell, method: BrainMVP, x: torch.Tensor, seed: int, monkeypatch) -> torch.Tensor:
     """What ``run.evaluate`` hands the task: the method after ``adapt_to_input``, its features of ``x``."""
 
     class Seen(Exception):
@@ -219,10 +220,10 @@ def _linear_probe_features(cfg, method: BrainMVP, x: torch.Tensor, seed: int, mo
             raise Seen(m.eval().encode_image(x))
 
     monkeypatch.setattr(run, "obtain_method", lambda cfg: (method, None))
-    monkeypatch.setattr(type(instantiate(cfg.task)), "evaluate", capture)
+    monkeypatch.setattr(type(instantiate(cell.cfg.task)), "evaluate", capture)
     torch.manual_seed(seed)
     with pytest.raises(Seen) as seen:
-        run.evaluate(cfg)
+        run.evaluate(cell)
     return seen.value.args[0]
 
 
@@ -230,7 +231,8 @@ def test_linear_probe_features_come_from_the_pretrained_stem(workdir, monkeypatc
     """Issue 17: with channel_adapt=drop the probe used to freeze a fresh random stem, so its features did not
     depend on the pre-trained stem at all (and changed with the torch seed)."""
     over = ["method=brainmvp", "task=phantom_mri_cls", "task.data.size=32", "logger=none"]
-    cfg = run.with_corpus(compose("run", [*over, *tiny_overrides("brainmvp")]), over)
+    cell = resolve([*over, *tiny_overrides("brainmvp")])
+    cfg = cell.cfg
     assert cfg.task.protocol == "linear" and cfg.method.model.channel_adapt == "drop"
     torch.manual_seed(0)
     pretrained = instantiate(cfg.method.model)
@@ -238,9 +240,9 @@ def test_linear_probe_features_come_from_the_pretrained_stem(workdir, monkeypatc
     with torch.no_grad():
         _stem(other).mul_(-2.0)  # a different pre-trained stem, everything else equal
     x = torch.randn(2, 4, 32, 32, 32)
-    a = _linear_probe_features(cfg, copy.deepcopy(pretrained), x, 1, monkeypatch)
-    b = _linear_probe_features(cfg, other, x, 1, monkeypatch)
-    c = _linear_probe_features(cfg, copy.deepcopy(pretrained), x, 2, monkeypatch)
+    a = _linear_probe_features(cell, copy.deepcopy(pretrained), x, 1, monkeypatch)
+    b = _linear_probe_features(cell, other, x, 1, monkeypatch)
+    c = _linear_probe_features(cell, copy.deepcopy(pretrained), x, 2, monkeypatch)
     assert not torch.allclose(a, b, atol=1e-4)  # the stem's pre-trained weights reach the probe
     assert torch.equal(a, c)  # and nothing random does
     inflated = copy.deepcopy(pretrained).eval()

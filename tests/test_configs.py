@@ -113,11 +113,11 @@ def test_unmet_requirements_names_the_gap() -> None:
 
 
 def test_phantom_sizes_follow_to_a_named_corpus_and_nothing_else_does() -> None:
-    from medvlp_bench.run import with_corpus
+    from medvlp_bench.cell import resolve
 
     ov = ["method=unimedi", "task=phantom_ct_cls", "task.data.size=32", "task.data.n_train=48"]
     ov.append("task.data.batch_size=4")
-    cfg = with_corpus(compose("run", ov), ov)
+    cfg = resolve(ov).cfg
     assert cfg.names.data == "phantom_cxr_ct"
     assert cfg.data.size == 32 and {p.size for p in cfg.data.parts.values()} == {32}
     assert {p.n_train for p in cfg.data.parts.values()} == {48}

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from medvlp_bench.bench import bench, compose_bench
+from medvlp_bench.cell import resolve
 from medvlp_bench.cli import main
 from medvlp_bench.config import ConfigError, compose
 from medvlp_bench.methods.external import External
 from medvlp_bench.methods.external_formats import FORMATS
-from medvlp_bench.run import run_cell
+from medvlp_bench.run import evaluate
 
 #: tiny phantom cells: every run below takes seconds
 RUN = [
@@ -125,7 +126,7 @@ def test_open_clip_classification_retrieval_and_zeroshot(tmp_path: Path, workdir
     ext = ["method=external", "external.format=open_clip", f"external.path={folder}"]
     rows = []
     for task, extra in (("phantom_cxr_cls", CLS), ("phantom_cxr_retrieval", []), ("phantom_cxr_zeroshot", [])):
-        rows += run_cell([*ext, f"task={task}", *RUN, *extra, *cache(phantom_cache)])
+        rows += evaluate(resolve([*ext, f"task={task}", *RUN, *extra, *cache(phantom_cache)]))
     kinds = rows_by_kind(rows)
     assert set(kinds) == {"classification", "retrieval", "zeroshot"}
     want = sha256(folder / "open_clip_pytorch_model.bin")
@@ -168,17 +169,16 @@ def test_hf_clip_zeroshot_and_vit_segmentation(tmp_path: Path, workdir: Path, ph
     with torch.no_grad():
         out = reference.get_image_features(pixel_values=(x.expand(-1, 3, -1, -1) - mean) / std)
         torch.testing.assert_close(method.encode_image(x), getattr(out, "pooler_output", out))
-    rows = run_cell(["method=external", "external.format=hf", f"external.path={clip}", "task=phantom_cxr_zeroshot",
-                     *RUN, *cache(phantom_cache)])  # fmt: skip
+    hf = ["method=external", "external.format=hf"]
+    rows = evaluate(resolve([*hf, f"external.path={clip}", "task=phantom_cxr_zeroshot", *RUN, *cache(phantom_cache)]))
     assert rows and {r.kind for r in rows} == {"zeroshot"}
     assert rows[0].ckpt_sha256 == sha256(clip / "model.safetensors")
 
     vit = hf_vit_folder(tmp_path / "vit")
-    rows = run_cell(["method=external", "external.format=hf", f"external.path={vit}", "task=phantom_cxr_seg",
-                     *RUN, *SEG, *cache(phantom_cache)])  # fmt: skip
+    rows = evaluate(resolve([*hf, f"external.path={vit}", "task=phantom_cxr_seg", *RUN, *SEG, *cache(phantom_cache)]))
     assert {r.kind for r in rows} == {"segmentation"} and {r.method for r in rows} == {"external-vit"}
-    assert run_cell(["method=external", "external.format=hf", f"external.path={vit}", "task=phantom_cxr_retrieval",
-                     *RUN, *cache(phantom_cache)]) == []  # fmt: skip  # image only: no text tower, no row
+    retrieval = [*hf, f"external.path={vit}", "task=phantom_cxr_retrieval", *RUN, *cache(phantom_cache)]
+    assert evaluate(resolve(retrieval)) == []  # image only: no text tower, no row
 
 
 def test_torchvision_resnet_features_and_rows(tmp_path: Path, workdir: Path, phantom_cache: Path) -> None:
@@ -201,7 +201,9 @@ def test_torchvision_resnet_features_and_rows(tmp_path: Path, workdir: Path, pha
         assert scratch.weights_sha256 is None and not torch.allclose(scratch.encode_image(x), method.encode_image(x))
 
     ext = ["method=external", "external.format=torchvision", f"external.path={path}", "external.arch=resnet18"]
-    rows = run_cell([*ext, "external.input_size=64", "task=phantom_cxr_cls", *RUN, *CLS, *cache(phantom_cache)])
+    rows = evaluate(
+        resolve([*ext, "external.input_size=64", "task=phantom_cxr_cls", *RUN, *CLS, *cache(phantom_cache)])
+    )
     want = ("external-resnet18_rad", "external", sha256(path))
     assert {(r.method, r.impl_source, r.ckpt_sha256) for r in rows} == {want}
 
@@ -218,7 +220,7 @@ def test_monai_swin_unetr_loads_and_probes_volumes(tmp_path: Path, workdir: Path
     assert method.image_encoder.feature_strides == [2, 4, 8, 16, 32]
     assert method.input_gap(2, 1) == "it is a 3D model (monai) and the task's data are 2D images; a 2D model is needed"
     ext = ["method=external", "external.format=monai", f"external.path={path}", "external.arch=swin_unetr"]
-    rows = run_cell([*ext, "task=phantom_ct_cls", *RUN, *CLS, "task.data.n_train=12", *cache(phantom_cache)])
+    rows = evaluate(resolve([*ext, "task=phantom_ct_cls", *RUN, *CLS, "task.data.n_train=12", *cache(phantom_cache)]))
     assert {r.kind for r in rows} == {"classification"} and rows[0].spatial_dims == 3
     assert rows[0].ckpt_sha256 == sha256(path)
 
@@ -227,7 +229,7 @@ def test_monai_swin_unetr_loads_and_probes_volumes(tmp_path: Path, workdir: Path
 def test_monai_swin_unetr_segments_volumes(tmp_path: Path, workdir: Path, phantom_cache: Path) -> None:
     path, _ = swin_unetr_file(tmp_path / "swin_unetr.pt")
     ext = ["method=external", "external.format=monai", f"external.path={path}", "external.arch=swin_unetr"]
-    rows = run_cell([*ext, "task=phantom_ct_seg", *RUN, *SEG, *cache(phantom_cache)])
+    rows = evaluate(resolve([*ext, "task=phantom_ct_seg", *RUN, *SEG, *cache(phantom_cache)]))
     assert {r.kind for r in rows} == {"segmentation"} and rows[0].spatial_dims == 3
 
 
@@ -255,7 +257,7 @@ def test_2d_model_refused_on_volumes(
     path, _ = resnet18_file(tmp_path / "r18.pth")
     tv = ["method=external", "external.format=torchvision", f"external.path={path}", "external.arch=resnet18"]
     with caplog.at_level(logging.WARNING, logger="medvlp_bench"):
-        assert run_cell([*tv, "task=phantom_ct_cls", *RUN, *cache(phantom_cache)]) == []
+        assert evaluate(resolve([*tv, "task=phantom_ct_cls", *RUN, *cache(phantom_cache)])) == []
     assert "it is a 2D model (torchvision) and the task's data are 3D volumes" in caplog.text
     assert "only 1-channel images are adapted" in External("torchvision", str(path), arch="resnet18").input_gap(2, 4)
 

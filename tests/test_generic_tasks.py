@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medvlp_bench.cell import resolve
 from medvlp_bench.config import ConfigError, compose, instantiate, tiny_overrides
 from medvlp_bench.datasets._errors import DataError
-from medvlp_bench.run import run_cell
+from medvlp_bench.run import evaluate
 from medvlp_bench.tasks.zeroshot import template_prompts
 
 FAST = ["trainer.progress=none", "logger=none", "task.data.num_workers=0", "task.data.batch_size=8"]
@@ -52,8 +53,8 @@ def ct_folder(root: Path, n: int = 10) -> Path:
 
 def test_imagefolder_cls_as_typed(tmp_path: Path, workdir: Path) -> None:
     fw.imagefolder(tmp_path / "my_xrays")
-    rows = run_cell(["method=scratch", "task=imagefolder_cls", f"task.data.root={tmp_path / 'my_xrays'}",
-                     "task.data.size=32", "method.model.image_encoder.name=resnet_tiny", *FAST, *CLS])  # fmt: skip
+    rows = evaluate(resolve(["method=scratch", "task=imagefolder_cls", f"task.data.root={tmp_path / 'my_xrays'}",
+                     "task.data.size=32", "method.model.image_encoder.name=resnet_tiny", *FAST, *CLS]))  # fmt: skip
     assert {r.kind for r in rows} == {"classification"} and {r.n_test for r in rows} == {4}
     assert {r.metric for r in rows} == {"auroc", "acc", "f1"}
 
@@ -63,24 +64,24 @@ def test_report_method_on_images_without_reports_says_what_to_choose(tmp_path: P
     typed = ["method=clip", "task=imagefolder_cls", f"task.data.root={tmp_path / 'my_xrays'}", "task.data.size=32"]
     with pytest.raises(ConfigError, match=r"clip pre-trains on image-report pairs and the corpus 'imagefolder' has no "
                        r"reports: choose one that has them with data=<corpus>"):  # fmt: skip
-        run_cell([*typed, *FAST, *CLIP])
+        evaluate(resolve([*typed, *FAST, *CLIP]))
     assert not list((workdir / "cache").rglob("*.safetensors"))  # refused before any training
     pairs = pairs_csv(tmp_path / "pairs")
     corpus = ["data=image_text_csv", f"data.root={pairs}", "data.csv_name=pairs.csv", "data.size=32"]
-    rows = run_cell([*typed, *corpus, "data.num_workers=0", *FAST, *CLIP, *CLS])
+    rows = evaluate(resolve([*typed, *corpus, "data.num_workers=0", *FAST, *CLIP, *CLS]))
     assert {r.kind for r in rows} == {"classification"} and rows[0].ckpt_sha256  # pre-trained on the chosen pairs
 
 
 def test_image_text_tasks_as_typed(tmp_path: Path, workdir: Path) -> None:
     pairs = pairs_csv(tmp_path / "pairs")
     typed = ["method=clip", f"task.data.root={pairs}", "task.data.csv_name=pairs.csv", "task.data.size=32"]
-    rows = run_cell(["task=image_text_retrieval", *typed, *FAST, *CLIP])
+    rows = evaluate(resolve(["task=image_text_retrieval", *typed, *FAST, *CLIP]))
     assert {r.kind for r in rows} == {"retrieval"} and rows[0].n_test == 4  # 80/10/10 of 40 pairs
     labels = "task.data.label_cols=[effusion,cardiomegaly]"
     same = ["data=image_text_csv", f"data.root={pairs}", "data.csv_name=pairs.csv", "data.size=32"]  # one pre-training
-    rows = run_cell(["task=image_text_zeroshot", *typed, labels, *same, *FAST, *CLIP])
+    rows = evaluate(resolve(["task=image_text_zeroshot", *typed, labels, *same, *FAST, *CLIP]))
     assert {r.kind for r in rows} == {"zeroshot"} and "auroc/effusion" in {r.metric for r in rows}
-    rows = run_cell(["task=image_text_cls", *typed, labels, *same, *FAST, *CLIP, *CLS])
+    rows = evaluate(resolve(["task=image_text_cls", *typed, labels, *same, *FAST, *CLIP, *CLS]))
     assert {r.kind for r in rows} == {"classification"} and "auroc/cardiomegaly" in {r.metric for r in rows}
 
 
@@ -110,8 +111,8 @@ def test_zeroshot_prompts_from_templates() -> None:
 def test_nifti_folder_seg_as_typed(tmp_path: Path, workdir: Path) -> None:
     ct = ct_folder(tmp_path / "my_ct")
     seg = ["task.data.size=24", "task.max_epochs=1", "task.patience=1", "task.batch_size=2", *FAST]
-    rows = run_cell(["method=scratch", "task=nifti_folder_seg", f"task.data.root={ct}", *seg,
-                     "method.model.image_encoder.name=resnet_tiny"])  # fmt: skip
+    rows = evaluate(resolve(["method=scratch", "task=nifti_folder_seg", f"task.data.root={ct}", *seg,
+                     "method.model.image_encoder.name=resnet_tiny"]))  # fmt: skip
     assert {r.kind for r in rows} == {"segmentation"} and rows[0].spatial_dims == 3
     assert {r.metric for r in rows} == {"dice", "dice/foreground"} and np.isfinite([r.value for r in rows]).all()
 
@@ -120,7 +121,7 @@ def test_nifti_folder_seg_as_typed(tmp_path: Path, workdir: Path) -> None:
 def test_gtgm_on_nifti_folder_seg_as_typed(tmp_path: Path, workdir: Path) -> None:
     """GTGM pre-trains on the folder's own training volumes (it writes its own text), then segments."""
     ct = ct_folder(tmp_path / "my_ct")
-    rows = run_cell(["method=gtgm", "task=nifti_folder_seg", f"task.data.root={ct}", "task.data.size=32",
+    rows = evaluate(resolve(["method=gtgm", "task=nifti_folder_seg", f"task.data.root={ct}", "task.data.size=32",
                      "task.max_epochs=1", "task.patience=1", "task.batch_size=2", "method.pretrain.max_epochs=1",
-                     "method.pretrain.batch_size=2", *FAST, *tiny_overrides("gtgm")])  # fmt: skip
+                     "method.pretrain.batch_size=2", *FAST, *tiny_overrides("gtgm")]))  # fmt: skip
     assert {r.kind for r in rows} == {"segmentation"} and rows[0].ckpt_sha256

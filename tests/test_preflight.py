@@ -92,11 +92,12 @@ def test_missing_corpus_part_fails_before_the_phantom_part_is_generated(
 
 
 def test_corpus_is_not_needed_with_a_cached_checkpoint_or_ckpt(workdir: Path) -> None:
+    from medvlp_bench.cell import resolve
+    from medvlp_bench.checkpoint import checkpoint_dir
     from medvlp_bench.preflight import check_cell
-    from medvlp_bench.run import checkpoint_dir, with_corpus
 
     ov = ["method=clip", "task=phantom_cxr_cls", "data=mimic_cxr"]
-    cfg = with_corpus(compose("run", ov), ov)
+    cfg = resolve(ov).cfg
     with pytest.raises(DataError, match=r"mimic-cxr-jpg/2.0.0: not found; data \(mimic_cxr\)"):
         check_cell(cfg)
     cached = checkpoint_dir(cfg)  # the key of (method, corpus, seed): the corpus is not read again

@@ -97,10 +97,11 @@ def test_pretraining_records_the_proxy_and_its_curve(workdir: Path) -> None:
 def test_rows_carry_learned_and_the_text_tower(workdir: Path) -> None:
     from helpers import TINY
 
-    from medvlp_bench.run import run_cell
+    from medvlp_bench.cell import resolve
+    from medvlp_bench.run import evaluate
 
     common = ["task=phantom_cxr_cls", "task.data.size=32", "task.label_fraction=0.5", *TINY, *tiny_data()]
-    clip_rows = run_cell(["method=clip", *common])
+    clip_rows = evaluate(resolve(["method=clip", *common]))
     (ckpt_cfg,) = (workdir / "cache" / "checkpoints").glob("clip__*/config.json")
     learned = json.loads(ckpt_cfg.read_text())["proxy"]["learned"]
     assert isinstance(learned, bool)
@@ -110,7 +111,7 @@ def test_rows_carry_learned_and_the_text_tower(workdir: Path) -> None:
     stored = json.loads(cell.read_text())["pretraining"]
     assert stored["proxy"]["kind"] == "retrieval" and "curve" not in stored["proxy"] and stored["encoder_shift"] > 0
 
-    scratch_rows = run_cell(["method=scratch", *common])
+    scratch_rows = evaluate(resolve(["method=scratch", *common]))
     assert {r.learned for r in scratch_rows} == {None} and {r.text_encoder for r in scratch_rows} == {None}
 
 

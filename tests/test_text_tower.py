@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from medvlp_bench.cell import resolve
 from medvlp_bench.config import compose, options, to_container
-from medvlp_bench.run import with_corpus
 from medvlp_bench.text import default_text_tower
 
 
@@ -36,11 +36,11 @@ def test_every_image_text_method_follows_the_corpus(method: str, corpus: str, to
 
 def test_a_task_corpus_and_an_explicit_choice() -> None:
     ov = ["method=clip", "task=image_text_retrieval"]
-    assert to_container(with_corpus(compose("run", ov), ov).method.model)["text_encoder"]["name"] == "minilm"
+    assert to_container(resolve(ov).cfg.method.model)["text_encoder"]["name"] == "minilm"
     ov = ["method=clip", "task=phantom_cxr_cls"]
-    assert to_container(with_corpus(compose("run", ov), ov).method.model)["text_encoder"]["name"] == "bert_tiny"
+    assert to_container(resolve(ov).cfg.method.model)["text_encoder"]["name"] == "bert_tiny"
     ov = ["method=clip", "task=phantom_cxr_cls", "method.model.text_encoder.name=minilm"]
-    assert to_container(with_corpus(compose("run", ov), ov).method.model)["text_encoder"]["name"] == "minilm"
+    assert to_container(resolve(ov).cfg.method.model)["text_encoder"]["name"] == "minilm"
 
 
 def test_default_text_tower_rule() -> None:

@@ -208,11 +208,11 @@ def test_config_builds_with_clip_encoders() -> None:
 
 
 def _from_config(task: str, *extra: str) -> tuple[UMCL, dict]:
-    """UMCL as ``medbench run method=umcl task=<task>`` builds it (corpus chosen by ``run.with_corpus``)."""
-    from medvlp_bench.run import with_corpus
+    """UMCL as ``medbench run method=umcl task=<task>`` builds it (corpus chosen by ``cell.resolve``)."""
+    from medvlp_bench.cell import resolve
 
     ov = ["method=umcl", f"task={task}", *tiny_overrides("umcl"), *extra]
-    cfg = with_corpus(compose("run", ov), ov)
+    cfg = resolve(ov).cfg
     return instantiate(cfg.method.model), to_container(cfg.method.model)
 
 
@@ -298,10 +298,11 @@ def test_corpus_stats_fractions_error_and_warning(caplog: pytest.LogCaptureFixtu
 def test_pretraining_on_ct_records_the_label_fractions(workdir) -> None:
     import json
 
-    from medvlp_bench.run import pretrain, with_corpus
+    from medvlp_bench.cell import resolve
+    from medvlp_bench.run import pretrain
 
     ov = ["method=umcl", "task=phantom_ct_cls", "task.data.size=32", *TINY, *tiny_data(), *tiny_overrides("umcl")]
-    folder = pretrain(with_corpus(compose("run", ov), ov))
+    folder = pretrain(resolve(ov).cfg)
     stats = json.loads((folder / "config.json").read_text())["corpus_stats"]
     assert stats["vocabulary"] == "phantom_ct" and stats["n_train"] == 32 and stats["labelled_fraction"] > 0.5
     assert set(stats) >= {f"label_frac.{c}" for c in phantom_ct.FINDINGS}
@@ -309,7 +310,8 @@ def test_pretraining_on_ct_records_the_label_fractions(workdir) -> None:
 
 @pytest.mark.slow
 def test_end_to_end_linear_probe(workdir) -> None:
-    from medvlp_bench.run import run_cell
+    from medvlp_bench.cell import resolve
+    from medvlp_bench.run import evaluate
 
-    rows = run_cell(["method=umcl", "task=phantom_cxr_cls", *TINY, *tiny_data()])
+    rows = evaluate(resolve(["method=umcl", "task=phantom_cxr_cls", *TINY, *tiny_data()]))
     assert rows and all(r.impl_source == "reimplementation" for r in rows)

@@ -381,11 +381,12 @@ TINY_VIT = [f"method.model.image_encoder.{k}" for k in ("hidden_size=32", "mlp_d
 
 def test_configs_compose_for_2d_and_3d_tasks_and_share_one_pretraining() -> None:
     from medvlp_bench import run
+    from medvlp_bench.cell import resolve
 
     keys = []
     for task in ("phantom_cxr_cls", "phantom_ct_cls"):
         ov = ["method=unimedi", f"task={task}", "logger=none", *TINY_VIT]
-        cfg = run.with_corpus(compose("run", ov), ov)
+        cfg = resolve(ov).cfg
         assert cfg.names.data == "phantom_cxr_ct" and cfg.data.parts.phantom_ct.size == 64
         method = run.build_method(cfg)
         assert isinstance(method, UniMedI) and method.impl_source == "paper"

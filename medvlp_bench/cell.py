@@ -1,0 +1,212 @@
+"""One evaluation cell, resolved once: the object ``medbench run`` and ``medbench bench`` execute.
+
+A cell is (method, task, protocol, label fraction, seed). Resolving it composes the run config (at most
+once more with the named pre-training corpus), then works out everything the run will touch before any
+work starts: the corpus, where the weights come from (``ckpt=``, the seeded initialisation, a cached or a new
+pre-training checkpoint), the method and task versions, the files the rows go to, and whether the method can
+run on the task at all (its ``requires:`` block, the corpus's channels). ``--dry-run`` prints this object;
+``run.evaluate`` runs it; ``bench`` plans a grid of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import checkpoint, results
+from .checkpoint import checkpoint_dir
+from .config import compose, unmet_requirements
+from .method import Method
+from .versions import as_version, method_version
+
+#: sizes of generated (phantom) data that follow from ``task.data`` to a named corpus, so that a small run
+#: (``suite=smoke``, tests) pre-trains on equally small data; nothing else (roots, batch sizes) follows
+FOLLOW_KEYS = ("size", "n_train", "n_val", "n_test")
+
+#: what a cell's status can be (``Cell.status``)
+STATUSES = ("done", "stale", "to run", "not applicable")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Everything about one cell that is known before any work; ``cfg`` is what the run executes."""
+
+    #: the run config; ``data`` is the pre-training corpus (the task's own data when it names none)
+    cfg: DictConfig
+    overrides: tuple[str, ...]
+    #: ``<task>__<method>__<protocol>__f<fraction>__s<seed>``: the stem of the rows and predictions files
+    name: str
+    method: str
+    task: str
+    #: ``classification`` | ``segmentation`` | ``retrieval`` | ``zeroshot``: the task class's ``kind``
+    kind: str
+    corpus: str
+    seed: int
+    protocol: str
+    label_fraction: float
+    #: (method version, task version) the rows will carry
+    versions: tuple[int, int]
+    #: ``ckpt`` (a given checkpoint), ``init`` (the seeded initialisation) or ``pretrain`` (cached or new)
+    weights: str
+    #: the ``ckpt=`` folder, or the pre-training cache folder; None for ``init``
+    checkpoint: Path | None
+    results_dir: Path
+    #: why the method cannot run on this task, known from the configs alone; None when it can (the built method
+    #: and task may still skip it, e.g. retrieval for a method without a text tower)
+    gap: str | None = None
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.results_dir / "runs"
+
+    @property
+    def rows_path(self) -> Path:
+        return self.runs_dir / f"{self.name}.json"
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.results_dir / "predictions" / f"{self.name}.npz"
+
+    @property
+    def checkpoint_cached(self) -> bool:
+        return self.checkpoint is not None and checkpoint.is_checkpoint(self.checkpoint)
+
+    def status(self) -> str:
+        """``done`` (rows stored at the current versions), ``stale`` (stored at other versions: would re-run),
+        ``to run``, or ``not applicable`` (``gap``)."""
+        if self.gap is not None:
+            return "not applicable"
+        stored = results.stored_versions(self.runs_dir, self.name)
+        if stored is None:
+            return "to run"
+        return "done" if stored == {self.versions} else "stale"
+
+    def weights_plan(self) -> str:
+        """Where the evaluated weights come from, in words."""
+        if self.weights == "ckpt":
+            return f"the given checkpoint {self.checkpoint}"
+        if self.weights == "init":
+            return f"the seeded initialisation (seed {self.seed}; {self.method} does not pre-train)"
+        sched = self.cfg.method.pretrain
+        what = f"{self.method} pre-trained on {self.corpus} (seed {self.seed}, {sched.max_epochs} epochs, "
+        what += f"batch {sched.batch_size})"
+        if self.checkpoint_cached:
+            return f"{what}: cached at {self.checkpoint}"
+        if self.cfg.get("pretrain") == "never":
+            return f"{what}: not cached at {self.checkpoint}, and pretrain=never refuses to train it"
+        return f"{what}: to train now, into {self.checkpoint}"
+
+    def describe(self) -> str:
+        """What ``--dry-run`` prints: the resolved cell, one fact a line."""
+        mv, tv = self.versions
+        lines = [
+            f"cell         {self.name}",
+            f"status       {self.status()}" + (f": {self.gap}" if self.gap else ""),
+            f"method       {self.method} (version {mv})",
+            f"task         {self.task} (version {tv}, {self.kind}, protocol {self.protocol}, "
+            f"{100 * self.label_fraction:g}% of the labels, seed {self.seed})",
+            f"weights      {self.weights_plan()}",
+            f"rows         {self.rows_path}",
+            f"predictions  {self.predictions_path}",
+        ]
+        if stored := results.stored_versions(self.runs_dir, self.name):
+            lines.append(f"stored at    (method, task) versions {sorted(stored)}")
+        return "\n".join(lines)
+
+
+def resolve(overrides: list[str]) -> Cell:
+    """Compose the run config of ``overrides`` with its corpus and resolve the cell (no data is read)."""
+    overrides = list(overrides)
+    cfg = compose("run", overrides)
+    if cfg.get("data") is None:
+        named = cfg.method.pretrain.get("data") or cfg.task.get("pretrain_data")
+        if named:
+            cfg = compose("run", [*overrides, f"data={named}", *following_overrides(overrides, str(named))])
+        else:
+            _own_data_as_corpus(cfg)
+    return _cell(cfg, overrides)
+
+
+def _own_data_as_corpus(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.data = OmegaConf.masked_copy(cfg.task, ["data"]).data
+        cfg.data.target = "label"
+        cfg.names.data = cfg.task.data.get("name", cfg.names.task)
+
+
+def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
+    task = cfg.task
+    method_cls = get_class(cfg.method.model._target_)
+    if cfg.get("ckpt"):
+        weights, folder = "ckpt", Path(str(cfg.ckpt))
+    elif not method_cls.needs_pretraining:
+        weights, folder = "init", None
+    else:
+        weights, folder = "pretrain", checkpoint_dir(cfg)
+    gap = None
+    if not cfg.get("ckpt"):
+        gap = unmet_requirements(cfg.method, cfg.data or task.data) or channel_gap(cfg)
+    names = cfg.names
+    return Cell(
+        cfg=cfg,
+        overrides=tuple(overrides),
+        name=results.cell_name(names.method, names.task, str(task.protocol), float(task.label_fraction), int(cfg.seed)),
+        method=str(names.method),
+        task=str(names.task),
+        kind=task_kind(task),
+        corpus=str(names.get("data") or task.data.get("name", names.task)),
+        seed=int(cfg.seed),
+        protocol=str(task.protocol),
+        label_fraction=float(task.label_fraction),
+        versions=(method_version(cfg.method.model._target_), as_version(task.get("version", 1), str(names.task))),
+        weights=weights,
+        checkpoint=folder,
+        results_dir=Path(str(cfg.paths.results_dir)),
+        gap=gap,
+    )
+
+
+def task_kind(task_cfg: DictConfig) -> str:
+    """The ``kind`` the task class declares (``Task.kind``): the task says what it is."""
+    return str(get_class(str(task_cfg._target_)).kind)
+
+
+def channel_gap(cfg: DictConfig) -> str | None:
+    """Why the corpus's channel count cannot serve the task's (a method that cannot adapt its stem), or None."""
+    corpus, task = cfg.data or cfg.task.data, cfg.task.data
+    have, need = corpus.get("in_channels"), task.get("in_channels")
+    if have is None or need is None or int(have) == int(need):
+        return None
+    if get_class(cfg.method.model._target_).adapt_to_input is not Method.adapt_to_input:
+        return None  # e.g. BrainMVP re-makes its stem for the task's channels
+    return f"it pre-trains on {int(have)}-channel {corpus.get('name', 'data')} and cannot take the task's {int(need)}"
+
+
+def following_overrides(overrides: list[str], corpus: str) -> list[str]:
+    """``task.data.<k>=v`` (k in FOLLOW_KEYS) as overrides of the named corpus or of each of its ``parts``."""
+    keys, parts = _corpus_layout(corpus, os.environ.get("MEDBENCH_CONFIG_PATH", ""))
+    out = []
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        k = key.removeprefix("task.data.")
+        if k == key or k not in FOLLOW_KEYS:
+            continue
+        if k in keys:
+            out.append(f"data.{k}={value}")
+        for name, part_keys in parts:
+            if k in part_keys:
+                out.append(f"data.parts.{name}.{k}={value}")
+    return out
+
+
+@functools.cache
+def _corpus_layout(corpus: str, _config_path: str) -> tuple[frozenset[str], tuple[tuple[str, frozenset[str]], ...]]:
+    """The keys of a named corpus and of each of its ``parts`` (composed once per corpus and config path)."""
+    data = compose("pretrain", ["method=scratch", f"data={corpus}"]).data
+    parts = tuple((str(n), frozenset(str(k) for k in p)) for n, p in (data.get("parts") or {}).items())
+    return frozenset(str(k) for k in data), parts
