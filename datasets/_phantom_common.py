@@ -25,9 +25,28 @@ class PhantomSample:
     meta: dict = field(default_factory=dict)
 
 
-def make_rng(seed: int, index: int, kind: int) -> np.random.Generator:
-    """One generator per sample so each sample is a pure function of (index, seed, size)."""
+def sample_rng(index: int, seed: int, size: int, kind: int) -> np.random.Generator:
+    """The sample's own generator, after the size check every generator shares.
+
+    One generator per sample (seeded by seed, index and the generator's ``kind`` tag) makes each sample a pure
+    function of (index, seed, size). One minimum size for every kind: the geometry is in normalised units, and
+    32 is the smallest size the generators are checked at (tests/test_phantoms.py); below it thin structures
+    and small findings would fall under a voxel while the reports still describe them.
+    """
+    if size < 32:
+        raise ValueError("size must be >= 32")
     return np.random.default_rng([int(seed), int(index), int(kind)])
+
+
+def draw_findings(rng: np.random.Generator, findings: Sequence[str], prevalence: float) -> dict[str, bool]:
+    """Which findings the sample has, each independently with probability ``prevalence`` (drawn first, in order,
+    so the anatomy can depend on them, e.g. cardiomegaly or splenomegaly)."""
+    return {f: bool(rng.random() < prevalence) for f in findings}
+
+
+def multi_hot(present: dict[str, bool], findings: Sequence[str]) -> np.ndarray:
+    """Float32 multi-hot label vector in ``findings`` order: the label layout the phantom datamodule stores."""
+    return np.array([present[f] for f in findings], np.float32)
 
 
 @lru_cache(maxsize=64)
@@ -54,9 +73,14 @@ def voxel(size: int) -> float:
     return 2.0 / (size - 1)
 
 
-def to_index(c: float, size: int) -> int:
-    """Nearest voxel index of a normalised coordinate."""
-    return int(np.clip(round((c + 1.0) * (size - 1) / 2.0), 0, size - 1))
+def coords(index: Sequence[int], size: int) -> tuple[float, ...]:
+    """Normalised coordinates of a voxel index (e.g. a picked lesion seat) for :func:`blob` centres."""
+    return tuple(float(axis(size)[i]) for i in index)
+
+
+def nearest_voxel(c: Sequence[float] | np.ndarray, size: int) -> tuple[int, ...]:
+    """Nearest voxel index of a normalised point (the inverse of :func:`coords`), clipped to the volume."""
+    return tuple(int(i) for i in np.clip(np.round((np.asarray(c) + 1) * (size - 1) / 2), 0, size - 1))
 
 
 @lru_cache(maxsize=64)
@@ -188,6 +212,21 @@ def format_report(findings: list[str], impression: list[str]) -> str:
         + " IMPRESSION: "
         + " ".join(sentence(s) for s in impression)
     )
+
+
+def negations(
+    rng: np.random.Generator, table: dict[str, Sequence[str]], present: dict[str, bool], p: float
+) -> list[str]:
+    """A random negation sentence for each absent finding, each kept with probability ``p``: real reports deny
+    only some of what is absent, so a missing negation must not imply a finding."""
+    return [choose(rng, table[f]) for f, on in present.items() if not on and rng.random() < p]
+
+
+def finish_report(rng: np.random.Generator, sentences: list[str], impression: list[str], normal: Sequence[str]) -> str:
+    """Shuffle the findings sentences (order carries no label), fall back to a random normal impression when
+    nothing is found, and lay the report out with :func:`format_report`."""
+    rng.shuffle(sentences)
+    return format_report(sentences, impression or [choose(rng, normal)])
 
 
 def benchmark(fn: Callable[..., PhantomSample], n: int = 20, **kwargs) -> float:

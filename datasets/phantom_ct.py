@@ -14,14 +14,17 @@ import numpy as np
 
 from ._phantom_common import (
     PhantomSample,
-    benchmark,
     blob,
     choose,
+    coords,
+    draw_findings,
     fast_normal,
-    format_report,
+    finish_report,
     grids,
-    make_rng,
+    multi_hot,
+    negations,
     pick_voxel,
+    sample_rng,
     side_word,
     size_word,
     slices_with,
@@ -68,12 +71,17 @@ def _mm_to_norm(r_mm: float, size: int) -> tuple[float, float, float]:
     return tuple(2 * r / f for f in FOV_MM)
 
 
+def _diameter_cm(lesion: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Diameter of the circle with the lesion's largest axial area, in cm to 1 decimal: how a radiologist
+    measures a lesion on its largest slice, and what the report states."""
+    area = lesion.reshape(lesion.shape[0], -1).sum(1).max() * spacing[1] * spacing[2]
+    return round(float(2 * np.sqrt(area / np.pi)) / 10, 1)
+
+
 def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
     """Abdominal CT volume [1, size, size, size] in HU with label map, multi-hot labels and report."""
-    if size < 32:
-        raise ValueError("size must be >= 32")
-    rng = make_rng(seed, index, _KIND)
-    present = {f: bool(rng.random() < PREVALENCE) for f in FINDINGS}
+    rng = sample_rng(index, seed, size, _KIND)
+    present = draw_findings(rng, FINDINGS, PREVALENCE)
     spacing = tuple(f / size for f in FOV_MM)
     y2, x2 = grids(size, 2)
     z3 = grids(size, 3)[0]
@@ -178,18 +186,17 @@ def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
         les, items = np.zeros(shape, bool), []
         for _ in range(n):
             c_idx = pick_voxel(rng, core & liver & free) or pick_voxel(rng, liver & free)
-            c = tuple(float(grids(size, 3)[a].ravel()[c_idx[a]]) for a in range(3))
+            c = coords(c_idx, size)
             sl, d = blob(rng, size, c, _mm_to_norm(rng.uniform(5, 22), size), 0.12)
             one = np.zeros(shape, bool)
             one = _paste(one, sl, d < 1) & liver & free
             one[c_idx] = True
             vol[one] = rng.uniform(0, 30)
             les |= one
-            area = one.reshape(size, -1).sum(1).max() * spacing[1] * spacing[2]
             items.append(
                 {
                     "lobe": "left hepatic lobe" if c[2] > cx - 0.08 else "right hepatic lobe",
-                    "diameter_cm": round(float(2 * np.sqrt(area / np.pi)) / 10, 1),
+                    "diameter_cm": _diameter_cm(one, spacing),
                 }
             )
         items.sort(key=lambda v: -v["diameter_cm"])
@@ -198,7 +205,7 @@ def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
     if present["kidney_lesion"]:
         k = int(rng.integers(2))
         c_idx = pick_voxel(rng, kidneys[k] & ~cortex & free) or pick_voxel(rng, kidneys[k] & free)
-        c = tuple(float(grids(size, 3)[a].ravel()[c_idx[a]]) for a in range(3))
+        c = coords(c_idx, size)
         cyst = bool(rng.random() < 0.6)
         sl, d = blob(rng, size, c, _mm_to_norm(rng.uniform(8, 25), size), 0.03 if cyst else 0.15)
         one = _paste(np.zeros(shape, bool), sl, d < 1) & near[k] & ~liver & ~spleen & free
@@ -206,13 +213,12 @@ def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
         vol[one] = rng.uniform(0, 15) if cyst else rng.uniform(40, 75)
         zs = slices_with(kidneys[k])
         pole = _POLES[min(int(3 * (c_idx[0] - zs[0]) / max(zs[-1] - zs[0] + 1, 1)), 2)]
-        area = one.reshape(size, -1).sum(1).max() * spacing[1] * spacing[2]
         lesions["kidney_lesion"] = one
         info["kidney_lesion"] = {
             "side": side_word(c[2] - cx),
             "pole": pole,
             "cystic": cyst,
-            "diameter_cm": round(float(2 * np.sqrt(area / np.pi)) / 10, 1),
+            "diameter_cm": _diameter_cm(one, spacing),
         }
     length = round(len(slices_with(spleen)) * spacing[0] / 10, 1)
     if present["splenomegaly"]:
@@ -251,7 +257,7 @@ def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
         "findings": info,
         "finding_slices": finding_slices,
     }
-    labels = np.array([present[f] for f in FINDINGS], np.float32)
+    labels = multi_hot(present, FINDINGS)
     return PhantomSample(vol.astype(np.float32)[None], mask, labels, _report(rng, present, info), meta)
 
 
@@ -341,16 +347,8 @@ def _report(rng: np.random.Generator, present: dict, info: dict) -> str:
             )
         )
         imp.append(f"{m['amount']} volume ascites")
-    neg = [choose(rng, NEGATIONS[f]) for f in FINDINGS if not present[f] and rng.random() < 0.6]
+    neg = negations(rng, NEGATIONS, present, 0.6)
     if rng.random() < 0.3:
         neg.append("The abdominal aorta is normal in caliber.")
-    sents = pos + neg
-    rng.shuffle(sents)
-    if not imp:
-        imp = [choose(rng, ("No acute abnormality in the abdomen.", "Unremarkable CT of the abdomen."))]
-    return format_report(sents, imp)
-
-
-if __name__ == "__main__":
-    for n in (32, 64, 96):
-        print(f"ct {n}^3: {benchmark(generate, 10, size=n) * 1e3:.1f} ms/sample")
+    normal = ("No acute abnormality in the abdomen.", "Unremarkable CT of the abdomen.")
+    return finish_report(rng, pos + neg, imp, normal)

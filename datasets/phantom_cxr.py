@@ -13,14 +13,17 @@ import numpy as np
 
 from ._phantom_common import (
     PhantomSample,
-    benchmark,
     blob,
     choose,
+    coords,
+    draw_findings,
     fast_normal,
-    format_report,
+    finish_report,
     grids,
-    make_rng,
+    multi_hot,
+    negations,
     pick_voxel,
+    sample_rng,
     side_word,
     size_word,
     smooth_field,
@@ -142,11 +145,17 @@ def _anatomy(rng: np.random.Generator, size: int, cardiomegaly: bool) -> dict:
     )
 
 
+def _patient(index: int, seed: int, size: int) -> tuple[np.random.Generator, dict[str, bool], dict]:
+    """The sample's generator, findings and normal anatomy: the first draws of every sample, in this order, so
+    :func:`anatomy_masks` replays exactly the anatomy :func:`generate` draws on."""
+    rng = sample_rng(index, seed, size, _KIND)
+    present = draw_findings(rng, FINDINGS, PREVALENCE)
+    return rng, present, _anatomy(rng, size, present["cardiomegaly"])
+
+
 def anatomy_masks(index: int, seed: int = 0, size: int = 128) -> dict[str, np.ndarray]:
     """Normal-anatomy masks (lungs, heart) of sample `index`, replayed from its generator (tests, probes)."""
-    rng = make_rng(seed, index, _KIND)
-    present = {f: bool(rng.random() < PREVALENCE) for f in FINDINGS}
-    an = _anatomy(rng, size, present["cardiomegaly"])
+    _, _, an = _patient(index, seed, size)
     return {"lungs": an["lungs"][0] | an["lungs"][1], "heart": an["heart"]}
 
 
@@ -157,11 +166,7 @@ def _zone(y: float, cy: float, ly: float) -> str:
 
 def generate(index: int, seed: int = 0, size: int = 128) -> PhantomSample:
     """Chest radiograph [1, size, size] in ~[0, 1] (dense = bright) with mask, multi-hot labels, report."""
-    if size < 32:
-        raise ValueError("size must be >= 32")
-    rng = make_rng(seed, index, _KIND)
-    present = {f: bool(rng.random() < PREVALENCE) for f in FINDINGS}
-    an = _anatomy(rng, size, present["cardiomegaly"])
+    rng, present, an = _patient(index, seed, size)
     x, y, a, lungs, geo = an["x"], an["y"], an["a"], an["lungs"], an["geo"]
     px_mm = FOV_MM / size
     layers: dict[str, np.ndarray] = {}
@@ -214,7 +219,7 @@ def generate(index: int, seed: int = 0, size: int = 128) -> PhantomSample:
         sl, d = blob(
             rng,
             size,
-            (float(grids(size, 2)[0][iy, 0]), float(grids(size, 2)[1][0, ix])),
+            coords((iy, ix), size),
             (r * rng.uniform(0.7, 1.3), r),
             irregularity=0.3,
         )
@@ -263,7 +268,7 @@ def generate(index: int, seed: int = 0, size: int = 128) -> PhantomSample:
     for name in ("consolidation", "effusion", "pneumothorax", "nodule"):  # ascending priority
         if name in layers:
             mask[layers[name]] = SEG_CLASSES.index(name)
-    labels = np.array([present[f] for f in FINDINGS], np.float32)
+    labels = multi_hot(present, FINDINGS)
     report = _report(rng, present, meta["findings"])
     return PhantomSample(np.clip(img, 0, 1).astype(np.float32)[None], mask, labels, report, meta)
 
@@ -337,29 +342,12 @@ def _report(rng: np.random.Generator, present: dict, info: dict) -> str:
             )
             imp.append(f"{m['side']} pneumothorax")
         pos.append(s)
-    neg = [choose(rng, NEGATIONS[f]) for f in FINDINGS if not present[f] and rng.random() < 0.5]
+    neg = negations(rng, NEGATIONS, present, 0.5)
     if pos and not present["pneumothorax"] and rng.random() < 0.3:
         pos[-1] += " without pneumothorax"
         neg = [n for n in neg if "pneumothorax" not in n]
     lung_findings = ("consolidation", "effusion", "nodule", "pneumothorax")
     if not any(present[f] for f in lung_findings) and rng.random() < 0.5:
         neg.append("The lungs are clear.")
-    sents = pos + neg
-    rng.shuffle(sents)
-    if not imp:
-        imp = [
-            choose(
-                rng,
-                (
-                    "No acute cardiopulmonary process.",
-                    "No acute cardiopulmonary abnormality.",
-                    "Normal chest radiograph.",
-                ),
-            )
-        ]
-    return format_report(sents, imp)
-
-
-if __name__ == "__main__":
-    for s in (128, 256):
-        print(f"cxr {s}^2: {benchmark(generate, 50, size=s) * 1e3:.2f} ms/sample")
+    normal = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.", "Normal chest radiograph.")
+    return finish_report(rng, pos + neg, imp, normal)

@@ -14,13 +14,13 @@ import numpy as np
 
 from ._phantom_common import (
     PhantomSample,
-    benchmark,
     blob,
     choose,
     fast_normal,
     format_report,
     grids,
-    make_rng,
+    nearest_voxel,
+    sample_rng,
     side_word,
     slices_with,
     smooth_field,
@@ -108,11 +108,14 @@ def _head(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
     return tis, {"center": c, "radii": rad, "brain": brain}
 
 
+def _extent(mask: np.ndarray) -> list[int]:
+    """Voxels spanned by a non-empty 3D mask along each axis (z, y, x): the bounding box a report measures."""
+    return [int(np.ptp(np.flatnonzero(mask.any(axis=tuple({0, 1, 2} - {a}))))) + 1 for a in range(3)]
+
+
 def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
     """Brain MRI [4, size, size, size] in ~[0, 1]; labels = class index (healthy, LGG, HGG)."""
-    if size < 32:
-        raise ValueError("size must be >= 32")
-    rng = make_rng(seed, index, _KIND)
+    rng = sample_rng(index, seed, size, _KIND)
     cls = int(rng.integers(3))
     tis, geo = _head(rng, size)
     lut = _LUT * rng.uniform(0.94, 1.06, _LUT.shape).astype(np.float32)
@@ -133,10 +136,10 @@ def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
         r0 = geo["radii"]
         c = np.array([cz + lz * r0[0] / 0.95, cy + ly * r0[1] / 0.84, cx0 + sx * lx * r0[2] / 0.68])
         c += rng.uniform(-0.06, 0.06, 3)
-        centre = tuple(int(i) for i in np.clip(np.round((c + 1) * (size - 1) / 2), 0, size - 1))
+        centre = nearest_voxel(c, size)
         while not geo["brain"][centre]:  # pull a peripheral centre inwards until it sits in the brain
             c += 0.1 * (np.array([cz, cy, cx0]) - c)
-            centre = tuple(int(i) for i in np.clip(np.round((c + 1) * (size - 1) / 2), 0, size - 1))
+            centre = nearest_voxel(c, size)
         core_r = rng.uniform(0.09, 0.2) * rng.uniform(0.8, 1.2, 3)
         core_r = np.maximum(core_r, 2.5 * voxel(size))
         ed_f = rng.uniform(1.35, 2.0) if hgg else rng.uniform(1.2, 1.6)
@@ -158,9 +161,9 @@ def generate(index: int, seed: int = 0, size: int = 64) -> PhantomSample:
         lut[8] *= rng.uniform(0.9, 1.05)
         lut[9, 1] = rng.uniform(0.9, 1.05)
         solid = (mask == 1) | (mask == 3)
-        ext = [np.ptp(np.flatnonzero(solid.any(axis=tuple({0, 1, 2} - {a})))) + 1 for a in range(3)]
+        ext = _extent(solid)
         dims = sorted([round(float(ext[2] * mm) / 10, 1), round(float(ext[1] * mm) / 10, 1)], reverse=True)
-        ed_ext = max(np.ptp(np.flatnonzero(tumour.any(axis=tuple({0, 1, 2} - {a})))) + 1 for a in range(3))
+        ed_ext = max(_extent(tumour))
         meta.update(
             location={"hemisphere": side_word(c[2] - cx0), "lobe": lobe},
             size_cm=dims + [round(float(ext[0] * mm) / 10, 1)],
@@ -251,8 +254,3 @@ def _report(rng: np.random.Generator, cls: int, meta: dict) -> str:
             )
         ]
     return format_report(find, imp)
-
-
-if __name__ == "__main__":
-    for n in (32, 64, 96):
-        print(f"mri {n}^3: {benchmark(generate, 10, size=n) * 1e3:.1f} ms/sample")

@@ -179,3 +179,12 @@ class PhantomDataModule(MedDataModule):
         if self.kind == "mri":
             return [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
         return []
+
+
+if __name__ == "__main__":  # generation speed of every kind: python -m medvlp_bench.datasets.phantoms
+    from ._phantom_common import benchmark
+
+    for kind, sizes, n in (("cxr", (128, 256), 50), ("ct", (32, 64, 96), 10), ("mri", (32, 64, 96), 10)):
+        for size in sizes:
+            ms = benchmark(generator_module(kind).generate, n, size=size) * 1e3
+            print(f"{kind} {size}^{_KINDS[kind]['dims']}: {ms:.2f} ms/sample")

@@ -17,7 +17,6 @@ class Batch(TypedDict, total=False):
     label: Tensor  # [B] class index or [B, K] multi-hot
     mask: Tensor  # [B, 1, *spatial] integer label map
     id: list[str]
-    index: Tensor  # [B] position of the sample in its split (used to check coverage)
 
 
 @dataclass

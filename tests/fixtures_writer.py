@@ -26,6 +26,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from medvlp_bench.datasets.chexpert import COMPETITION, OBSERVATIONS
+from medvlp_bench.datasets.nih_cxr14 import FINDINGS as NIH_FINDINGS
+
 RNG = np.random.default_rng(0)
 
 
@@ -139,28 +142,8 @@ def rsna(root: Path, n: int = 8) -> dict[str, Any]:
     return truth
 
 
-CHEXPERT_COLUMNS = [
-    "Path",
-    "Sex",
-    "Age",
-    "Frontal/Lateral",
-    "AP/PA",
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-]
-COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+#: the released header: five metadata columns, then the 14 observations in the reader's (CheXpert's) order
+CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *OBSERVATIONS]
 
 
 def chexpert(root: Path, per_class: int = 3) -> pd.DataFrame:
@@ -257,24 +240,6 @@ def siim(root: Path, n: int = 6) -> dict[str, np.ndarray]:
     return truth
 
 
-NIH_FINDINGS = [
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-]
-
-
 def nih(root: Path, patients: int = 8) -> pd.DataFrame:
     """``Data_Entry_2017.csv`` (the 2017 header, trailing comma included), the two split lists, and
     ``images_001/images/*.png`` as in the archive download."""
@@ -297,22 +262,9 @@ def nih(root: Path, patients: int = 8) -> pd.DataFrame:
     return df
 
 
-MIMIC_OBS = [
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-]
+#: ``mimic-cxr-2.0.0-chexpert.csv`` lists the same 14 observations alphabetically, not in CheXpert's order, so the
+#: reader must select the columns by name
+MIMIC_OBS = sorted(OBSERVATIONS)
 REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
 

@@ -67,12 +67,54 @@ def test_method_step_and_embeddings(method: str, task: str, phantom_cache) -> No
     assert any(g.abs().sum() > 0 for g in enc_grads)
 
 
+def _adapts_or_refuses(m: Method, channels: int, spatial: tuple[int, ...], dim: int) -> None:
+    """``adapt_to_input(channels)`` refuses with an error that names the channels, or leaves an encoder that
+    takes ``channels``-channel images: an adaptation that passes silently and then fails on the data would only
+    surface in the middle of an evaluation, after pre-training."""
+    try:
+        m.adapt_to_input(channels)
+    except ValueError as e:
+        assert "channel" in str(e) and str(channels) in str(e), f"refusal does not name the {channels} channels: {e}"
+        return
+    try:
+        with torch.no_grad():
+            feats = m.encode_image(torch.randn(2, channels, *spatial))
+    except Exception as e:  # any failure after an accepted adaptation is the bug
+        pytest.fail(
+            f"{type(m).__name__}.adapt_to_input({channels}) accepted, but its encoder then fails on a "
+            f"{channels}-channel input: {type(e).__name__}: {e}"
+        )
+    assert feats.shape == (2, dim) and torch.isfinite(feats).all(), (channels, tuple(feats.shape))
+
+
 @pytest.mark.parametrize("method", BUILT_FROM_INPUT)
 def test_method_adapts_or_refuses_other_channel_counts(method: str, phantom_cache) -> None:
     task = "phantom_mri_cls" if method == "brainmvp" else "phantom_cxr_cls"
-    m, _ = _setup(method, task, str(phantom_cache))
-    m.adapt_to_input(1)
-    try:
-        m.adapt_to_input(4)
-    except ValueError as e:
-        assert "channel" in str(e)
+    m, batch = _setup(method, task, str(phantom_cache))
+    m.eval()
+    own, spatial = int(batch["image"].shape[1]), tuple(batch["image"].shape[2:])
+    m.adapt_to_input(own)  # what evaluation does first: the task's own channel count is always accepted
+    with torch.no_grad():
+        dim = m.encode_image(batch["image"]).shape[1]
+    for channels in (1, 4):
+        _adapts_or_refuses(m, channels, spatial, dim)
+
+
+def test_channel_check_catches_a_silent_adaptation_and_a_mute_refusal(phantom_cache) -> None:
+    """The check above is not vacuous: a stem that "adapts" without changing fails it, and so does a refusal
+    that does not say it is about channels. `scratch`: the cheapest method to build, its stem takes 1 channel."""
+    m, batch = _setup("scratch", "phantom_cxr_cls", str(phantom_cache))
+    m.eval()
+    spatial = tuple(batch["image"].shape[2:])
+    with torch.no_grad():
+        dim = m.encode_image(batch["image"]).shape[1]
+    m.adapt_to_input = lambda in_channels, frozen=True: None  # claims success, the stem stays 1-channel
+    with pytest.raises(pytest.fail.Exception, match="then fails on a 4-channel input"):
+        _adapts_or_refuses(m, 4, spatial, dim)
+
+    def mute(in_channels: int, frozen: bool = True) -> None:
+        raise ValueError("not supported")
+
+    m.adapt_to_input = mute
+    with pytest.raises(AssertionError, match="refusal does not name the 4 channels"):
+        _adapts_or_refuses(m, 4, spatial, dim)
