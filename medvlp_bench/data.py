@@ -172,7 +172,6 @@ class RecordDataset(Dataset):
         sample = self.load(row)
         sample = self.transform(sample)
         sample["id"] = str(row["id"])
-        sample["index"] = i
         return sample
 
 
