@@ -12,8 +12,6 @@ cell's ``left_out_classes``.
 
 from __future__ import annotations
 
-import copy
-import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,15 +19,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from medvlp_bench import metrics
-from medvlp_bench.augment import BatchAugment
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.method import Method
-from medvlp_bench.task import EvalContext, Task, TaskResult, extract, reseed, state_checksum
+from medvlp_bench.task import EvalContext, TaskResult, extract, reseed, state_checksum
+from medvlp_bench.tasks._head import HeadDefaults, HeadModel, HeadTask, finetune_copy
 
 
 @dataclass
@@ -55,34 +52,16 @@ class _FeatureSet(Dataset):
         return {"feature": self.features[i], "label": self.labels[i]}
 
 
-class _Classifier(L.LightningModule):
+class _Classifier(HeadModel):
     """Linear head, optionally on top of a trainable encoder (fine-tune protocol)."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_out: int,
-        task_type: str,
-        lr: float,
-        weight_decay: float,
-        backbone: Method | None = None,
-        backbone_lr_scale: float = 0.1,
-        augment: BatchAugment | None = None,
-    ) -> None:
-        super().__init__()
-        self.head = nn.Linear(in_dim, n_out)
-        self.augment = augment
-        self.backbone, self.task_type = backbone, task_type
-        self.lr, self.weight_decay, self.backbone_lr_scale = lr, weight_decay, backbone_lr_scale
+    def __init__(self, in_dim: int, n_out: int, task_type: str, **kw: Any) -> None:
+        super().__init__(nn.Linear(in_dim, n_out), **kw)
+        self.task_type = task_type
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         x = self.backbone.encode_image(batch["image"]) if self.backbone is not None else batch["feature"]
         return self.head(x)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.augment is not None and self.backbone is not None and self.trainer.training:
-            return self.augment(batch)
-        return batch
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.task_type == "multiclass":
@@ -100,13 +79,6 @@ class _Classifier(L.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], _: int) -> Tensor:
         logits = self(batch).float()
         return logits.softmax(-1) if self.task_type == "multiclass" else logits.sigmoid()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups: list[dict[str, Any]] = [{"params": self.head.parameters(), "lr": self.lr}]
-        if self.backbone is not None:
-            params = [p for p in self.backbone.parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": self.lr * self.backbone_lr_scale})
-        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
 
 
 def classification_metrics(
@@ -129,31 +101,15 @@ def classification_metrics(
     return out
 
 
-class Classification(Task):
+class Classification(HeadTask):
     """Linear-probe or fine-tune classification with label fractions and early stopping."""
 
     kind: ClassVar[str] = "classification"
     frozen_protocols: ClassVar[frozenset[str]] = frozenset({"linear"})
+    head_defaults: ClassVar[HeadDefaults] = HeadDefaults(lr=5e-4, weight_decay=1e-6, batch_size=48)  # MGCA linear
 
-    def __init__(
-        self,
-        data: MedDataModule,
-        *,
-        lr: float = 5e-4,
-        weight_decay: float = 1e-6,
-        batch_size: int = 48,
-        max_epochs: int = 50,
-        patience: int = 10,
-        backbone_lr_scale: float = 0.1,
-        standardize: bool = True,
-        per_class: bool = True,
-        **kw: Any,
-    ) -> None:
+    def __init__(self, data: MedDataModule, *, standardize: bool = True, per_class: bool = True, **kw: Any) -> None:
         super().__init__(data, **kw)
-        if self.protocol not in ("linear", "finetune"):
-            raise ValueError(f"classification protocol must be 'linear' or 'finetune', got {self.protocol!r}")
-        self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
-        self.max_epochs, self.patience, self.backbone_lr_scale = max_epochs, patience, backbone_lr_scale
         self.standardize, self.per_class = standardize, per_class
 
     @property
@@ -164,21 +120,14 @@ class Classification(Task):
         dm = self.data
         subset = dm.subset_ids(self.label_fraction, ctx.seed)
         plan = self._linear(method, ctx, subset) if self.protocol == "linear" else self._finetune(method, ctx, subset)
-        ckpt = ModelCheckpoint(
-            dirpath=ctx.work_dir / f"head-{uuid.uuid4().hex[:8]}", monitor="val/loss", mode="min", save_top_k=1
-        )
-        stop = EarlyStopping(monitor="val/loss", mode="min", patience=self.patience)
-        trainer = ctx.make_trainer(max_epochs=self.max_epochs, callbacks=[ckpt, stop], enable_checkpointing=True)
-        trainer.fit(plan.model, plan.train, plan.val)
-        probs = torch.cat(
-            trainer.predict(plan.model, plan.test, ckpt_path=ckpt.best_model_path or None, weights_only=True)
-        )
+        fit = self.fit_and_predict_best(ctx, plan.model, plan.train, plan.val, plan.test)
+        probs = torch.cat(fit.outputs)
         target = plan.test_target
         scores = classification_metrics(probs, target, dm.task_type, dm.class_names, self.per_class)
         preds = {"id": np.asarray(plan.test_ids), "target": target.numpy(), "score": probs.numpy()}
         extra = {
-            "epochs_trained": trainer.current_epoch,
-            "best_val_loss": float(ckpt.best_model_score or np.nan),
+            "epochs_trained": fit.epochs_trained,
+            "best_val_loss": fit.best_score,
             "left_out_classes": metrics.left_out_classes(preds["target"], preds["score"], dm.class_names),
         }
         return TaskResult(scores, n_test=len(target), predictions=preds, subset_ids=subset, extra=extra)
@@ -211,27 +160,26 @@ class Classification(Task):
             return DataLoader(features, batch_size=self.batch_size, shuffle=shuffle)
 
         reseed(ctx)  # head init and shuffling must not depend on whether features came from the cache
-        model = _Classifier(train["out"].shape[1], self.n_outputs, dm.task_type, self.lr, self.weight_decay)
+        model = _Classifier(
+            train["out"].shape[1], self.n_outputs, dm.task_type, lr=self.lr, weight_decay=self.weight_decay
+        )
         return _Plan(model, loader(train, True), loader(val, False), loader(test, False), test["id"], test["label"])
 
     def _finetune(self, method: Method, ctx: EvalContext, subset: list[str]) -> _Plan:
         dm = self.data
-        backbone = copy.deepcopy(method).train().requires_grad_(True)
-        if backbone.text_encoder is not None:
-            backbone.text_encoder.requires_grad_(False)  # only the image encoder is fine-tuned
+        backbone = finetune_copy(method, image_encoder_only=False)
         reseed(ctx)
         model = _Classifier(
             method.image_encoder.out_dim,
             self.n_outputs,
             dm.task_type,
-            self.lr,
-            self.weight_decay,
             backbone=backbone,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
             backbone_lr_scale=self.backbone_lr_scale,
             augment=dm.batch_augment,
         )
-        bs = min(self.batch_size, len(subset))
         rows = dm.rows("test")
         target = torch.as_tensor(np.stack([np.asarray(r["label"]) for r in rows]))
-        train = dm.loader("train", ids=subset, train=True, batch_size=bs)
+        train = self.train_loader(subset)
         return _Plan(model, train, dm.loader("val"), dm.loader("test"), [str(r["id"]) for r in rows], target)

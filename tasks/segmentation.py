@@ -18,27 +18,23 @@ comes from ``medvlp_bench.metrics``, as in ``compare``.
 
 from __future__ import annotations
 
-import copy
-import uuid
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import Tensor
 
-from medvlp_bench.augment import BatchAugment
 from medvlp_bench.data import MedDataModule
 from medvlp_bench.decoders import SegDecoder
 from medvlp_bench.method import Method
 from medvlp_bench.metrics import metric_value, segmentation_left_out
-from medvlp_bench.task import EvalContext, Task, TaskResult, state_checksum
+from medvlp_bench.task import EvalContext, TaskResult, state_checksum
+from medvlp_bench.tasks._head import HeadDefaults, HeadModel, HeadTask, finetune_copy
 
 
 class SegScorer:
@@ -94,8 +90,8 @@ def random_crop(batch: dict[str, Any], roi: Sequence[int]) -> dict[str, Any]:
     return {**batch, "image": batch["image"][idx], "mask": batch["mask"][idx]}
 
 
-class _Segmenter(L.LightningModule):
-    """Encoder (the method, trainable or frozen) + shared decoder; sliding-window inference."""
+class _Segmenter(HeadModel):
+    """Encoder (the method, trainable or frozen) + shared decoder (the head); sliding-window inference."""
 
     def __init__(
         self,
@@ -104,18 +100,14 @@ class _Segmenter(L.LightningModule):
         scorer: SegScorer,
         *,
         frozen: bool,
-        lr: float,
-        weight_decay: float,
-        backbone_lr_scale: float,
         roi_size: Sequence[int] | None,
         sw_batch_size: int,
         overlap: float,
-        augment: BatchAugment | None,
+        **kw: Any,
     ) -> None:
-        super().__init__()
-        self.backbone, self.decoder, self.scorer = backbone, decoder, scorer
-        self.frozen, self.lr, self.weight_decay, self.backbone_lr_scale = frozen, lr, weight_decay, backbone_lr_scale
-        self.roi_size, self.sw_batch_size, self.overlap, self.augment = roi_size, sw_batch_size, overlap, augment
+        super().__init__(decoder, backbone, **kw)
+        self.scorer, self.frozen = scorer, frozen
+        self.roi_size, self.sw_batch_size, self.overlap = roi_size, sw_batch_size, overlap
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self._val: list[Tensor] = []
 
@@ -132,7 +124,7 @@ class _Segmenter(L.LightningModule):
     def forward(self, image: Tensor) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             maps = self.backbone.image_features(image).maps
-        return self.decoder(image, maps)
+        return self.head(image, maps)
 
     def infer(self, image: Tensor) -> Tensor:
         """Logits for whole images: sliding windows in 3D (or with ``roi_size``), one pass in 2D."""
@@ -142,9 +134,9 @@ class _Segmenter(L.LightningModule):
         return sliding_window_inference(image, roi, self.sw_batch_size, self, overlap=self.overlap, mode="gaussian")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer.training:
-            batch = self.augment(batch) if self.augment is not None else batch
-            batch = random_crop(batch, self.roi_size) if self.roi_size is not None else batch
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # augmentation, then the training crop
+        if self.trainer.training and self.roi_size is not None:
+            batch = random_crop(batch, self.roi_size)
         return batch
 
     def training_step(self, batch: dict[str, Any], _: int) -> Tensor:
@@ -165,30 +157,18 @@ class _Segmenter(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], _: int) -> dict[str, Any]:
         return {"id": list(batch["id"]), **self.scorer(self.infer(batch["image"]), batch["mask"])}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups: list[dict[str, Any]] = [{"params": list(self.decoder.parameters()), "lr": self.lr}]
-        if not self.frozen:
-            params = [p for p in self.backbone.parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": self.lr * self.backbone_lr_scale})
-        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
 
-
-class Segmentation(Task):
+class Segmentation(HeadTask):
     """Shared-decoder segmentation with label fractions, frozen or fine-tuned encoder, early stopping."""
 
     kind: ClassVar[str] = "segmentation"
     frozen_protocols: ClassVar[frozenset[str]] = frozenset({"frozen"})
+    head_defaults: ClassVar[HeadDefaults] = HeadDefaults(lr=1e-3, weight_decay=1e-5, batch_size=4)
 
     def __init__(
         self,
         data: MedDataModule,
         *,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
-        batch_size: int = 4,
-        max_epochs: int = 50,
-        patience: int = 10,
-        backbone_lr_scale: float = 0.1,
         monitor: str = "dice",
         roi_size: Sequence[int] | None = None,
         sw_batch_size: int = 4,
@@ -203,15 +183,11 @@ class Segmentation(Task):
     ) -> None:
         kw.setdefault("protocol", "finetune")
         super().__init__(data, **kw)
-        if self.protocol not in ("frozen", "finetune"):
-            raise ValueError(f"segmentation protocol must be 'frozen' or 'finetune', got {self.protocol!r}")
         if monitor not in ("dice", "loss"):
             raise ValueError(f"segmentation monitor must be 'dice' or 'loss', got {monitor!r}")
         if getattr(data, "target", "mask") != "mask" or not getattr(data, "seg_classes", None):
             raise ValueError(f"segmentation needs task.data.target=mask and data with seg_classes ({data.name})")
-        self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
-        self.max_epochs, self.patience, self.monitor = max_epochs, patience, monitor
-        self.backbone_lr_scale = backbone_lr_scale
+        self.monitor = monitor
         self.roi_size = [int(r) for r in roi_size] if roi_size is not None else None
         self.sw_batch_size, self.overlap, self.decoder_kw = sw_batch_size, overlap, dict(decoder or {})
         self.val_every = int(val_every)  # validate every n epochs (3D validation dominates CPU time)
@@ -226,10 +202,7 @@ class Segmentation(Task):
 
     def _model(self, method: Method) -> _Segmenter:
         frozen = self.protocol == "frozen"
-        backbone = method if frozen else copy.deepcopy(method)
-        backbone.requires_grad_(False)
-        if not frozen:
-            backbone.image_encoder.requires_grad_(True)  # the text tower (if any) plays no part
+        backbone = method.requires_grad_(False) if frozen else finetune_copy(method, image_encoder_only=True)
         decoder = SegDecoder.for_encoder(
             backbone.image_encoder, len(self.class_names), spatial_dims=int(self.data.spatial_dims), **self.decoder_kw
         )
@@ -252,30 +225,18 @@ class Segmentation(Task):
         subset = dm.subset_ids(self.label_fraction, ctx.seed)
         before = state_checksum(method)
         model = self._model(method)
-        mode = "max" if self.monitor == "dice" else "min"
-        ckpt = ModelCheckpoint(
-            dirpath=ctx.work_dir / f"seg-{uuid.uuid4().hex[:8]}",
+        fit = self.fit_and_predict_best(
+            ctx,
+            model,
+            self.train_loader(subset),
+            dm.loader("val", batch_size=self.batch_size),
+            dm.loader("test", batch_size=self.batch_size),
             monitor=f"val/{self.monitor}",
-            mode=mode,
-            save_top_k=1,
+            mode="max" if self.monitor == "dice" else "min",
             save_weights_only=True,
-        )
-        stop = EarlyStopping(monitor=f"val/{self.monitor}", mode=mode, patience=self.patience)
-        trainer = ctx.make_trainer(
-            max_epochs=self.max_epochs,
-            callbacks=[ckpt, stop],
-            enable_checkpointing=True,
             check_val_every_n_epoch=self.val_every,
         )
-        bs = min(self.batch_size, len(subset))
-        train = dm.loader("train", ids=subset, train=True, batch_size=bs)
-        trainer.fit(model, train, dm.loader("val", batch_size=self.batch_size))
-        outs = trainer.predict(
-            model,
-            dm.loader("test", batch_size=self.batch_size),
-            ckpt_path=ckpt.best_model_path or None,
-            weights_only=True,
-        )
+        outs = fit.outputs
         if self.protocol == "frozen" and state_checksum(method) != before:  # pragma: no cover - must not happen
             raise RuntimeError("frozen segmentation protocol changed the encoder's weights")
         preds = {"id": np.asarray([i for o in outs for i in o["id"]]), "class_names": np.asarray(self.scorer_names)}
@@ -284,8 +245,8 @@ class Segmentation(Task):
                 preds[key] = torch.cat([o[key] for o in outs]).numpy().astype(np.float32)
         metrics = self.summarise(preds)
         extra = {
-            "epochs_trained": trainer.current_epoch,
-            "best_val": float(ckpt.best_model_score if ckpt.best_model_score is not None else np.nan),
+            "epochs_trained": fit.epochs_trained,
+            "best_val": fit.best_score,
             "left_out_classes": segmentation_left_out(preds),
         }
         return TaskResult(metrics, n_test=len(preds["id"]), predictions=preds, subset_ids=subset, extra=extra)

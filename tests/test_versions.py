@@ -61,6 +61,7 @@ def test_task_sources_are_its_yamls_kind_module_and_data_modules(monkeypatch: py
         "configs/task/phantom_cxr_cls.yaml",
         "configs/data/phantom_cxr.yaml",
         "medvlp_bench.tasks.classification",
+        "medvlp_bench.tasks._head",  # imported by the kind module: head training shared with segmentation
         "medvlp_bench.datasets.phantoms",
         "medvlp_bench.datasets.phantom_cxr",  # loaded by name in phantoms.py, not by an import
         "medvlp_bench.datasets._phantom_common",
