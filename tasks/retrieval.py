@@ -66,8 +66,15 @@ def text_tower_reason(method: Method) -> str | None:
 
 
 def joint_embeddings(method: Method, dm: MedDataModule, ctx: EvalContext) -> dict[str, Any]:
-    """Image and report embeddings of the test split, in order, on one device (``out`` = [img | txt])."""
-    dm.tokenizer = method.text_encoder.tokenizer
+    """Image and report embeddings of the test split, in order, on one device (``out`` = [img | txt]).
+
+    The datamodule must be built with the method's tokenizer (``run.evaluate`` does), or batches carry no text.
+    """
+    if dm.tokenizer is None:
+        raise ValueError(
+            f"{dm.name}: the datamodule was built without a tokenizer, so its batches carry no report text; "
+            f"build it with tokenizer=<the method's text_encoder.tokenizer>"
+        )
     method.eval().to(ctx.device)
 
     def embed(batch: dict[str, Any]) -> Tensor:

@@ -86,8 +86,7 @@ def method_results(tmp_path_factory: pytest.TempPathFactory, phantom_cache: Path
     for method, (task, extra) in METHOD_CASES.items():
         ov = [f"method={method}", f"task={task}", "task.data.size=32", f"task.data.cache_dir={phantom_cache}"]
         ov += [*tiny_data("task.data"), *tiny_overrides(method), *extra]
-        dm = instantiate(compose("run", ov).task.data)
-        dm.tokenizer = build_method(ov).text_encoder.tokenizer
+        dm = instantiate(compose("run", ov).task.data, tokenizer=build_method(ov).text_encoder.tokenizer)
         batch = next(iter(dm.loader("test", batch_size=8)))
         cases[method] = {"overrides": ov, "batch": {k: v for k, v in batch.items() if k != "mask"}}
     folder = tmp_path_factory.mktemp("ddp_methods")

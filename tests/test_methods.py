@@ -35,9 +35,7 @@ def _setup(method: str, task: str, cache: str) -> tuple[Method, dict]:
         pytest.skip(f"{method} does not apply to {task}: {gap}")
     torch.manual_seed(0)
     m: Method = instantiate(cfg.method.model)
-    dm = instantiate(cfg.task.data)
-    if m.text_encoder is not None:
-        dm.tokenizer = m.text_encoder.tokenizer
+    dm = instantiate(cfg.task.data, tokenizer=m.text_encoder.tokenizer if m.text_encoder is not None else None)
     batch = next(iter(dm.loader("train", train=True, batch_size=4)))
     return m, batch
 

@@ -102,12 +102,16 @@ def _ctx(tmp_path: Path) -> EvalContext:
     return EvalContext(make_trainer=functools.partial(make_trainer, cfg, None, True), seed=0, work_dir=tmp_path)
 
 
-def _cxr(cache: Path) -> PhantomDataModule:
-    return PhantomDataModule("cxr", size=32, n_train=8, n_val=4, n_test=12, cache_dir=str(cache), eval_batch_size=5)
+def _cxr(cache: Path, method: CLIP) -> PhantomDataModule:
+    """Phantom X-rays built complete: with the tokenizer of the method they feed."""
+    return PhantomDataModule(
+        "cxr", size=32, n_train=8, n_val=4, n_test=12, cache_dir=str(cache), eval_batch_size=5,
+        tokenizer=method.text_encoder.tokenizer,
+    )  # fmt: skip
 
 
 def test_retrieval_on_phantoms(tiny_clip: CLIP, phantom_cache: Path, tmp_path: Path) -> None:
-    dm = _cxr(phantom_cache)
+    dm = _cxr(phantom_cache, tiny_clip)
     task = Retrieval(dm, metrics=RETRIEVAL_METRICS, primary="r_mean")
     assert task.skip_reason(tiny_clip) is None
     assert "no text tower" in task.skip_reason(Scratch(build_image_encoder("resnet_tiny", 2, 1)))
@@ -124,7 +128,7 @@ def test_retrieval_on_phantoms(tiny_clip: CLIP, phantom_cache: Path, tmp_path: P
 
 def test_zeroshot_on_phantoms(tiny_clip: CLIP, phantom_cache: Path, tmp_path: Path) -> None:
     cfg = compose("run", ["method=clip", "task=phantom_cxr_zeroshot"])
-    dm = _cxr(phantom_cache)
+    dm = _cxr(phantom_cache, tiny_clip)
     task = ZeroShot(dm, class_prompts=cfg.task.class_prompts, metrics=["auroc", "acc", "f1"], primary="auroc")
     res = task.evaluate(tiny_clip, _ctx(tmp_path))
     assert {"auroc", "acc", "f1", "auroc/effusion"} <= set(res.metrics)
@@ -137,6 +141,11 @@ def test_retrieval_3d(phantom_cache: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     method = CLIP(build_image_encoder("resnet_tiny", 3, 1), build_text_encoder("bert_tiny"), embed_dim=16)
     dm = PhantomDataModule("ct", size=32, n_train=4, n_val=2, n_test=6, cache_dir=str(phantom_cache))
+    task = Retrieval(dm, metrics=RETRIEVAL_METRICS, primary="r_mean")
+    with pytest.raises(ValueError, match="without a tokenizer"):  # one clear line, not a KeyError on "text"
+        task.evaluate(method, _ctx(tmp_path))
+    dm = PhantomDataModule("ct", size=32, n_train=4, n_val=2, n_test=6, cache_dir=str(phantom_cache),
+                           tokenizer=method.text_encoder.tokenizer)  # fmt: skip
     res = Retrieval(dm, metrics=RETRIEVAL_METRICS, primary="r_mean").evaluate(method, _ctx(tmp_path))
     assert res.n_test == 6 and len(set(res.predictions["id"])) == 6
     assert 0 <= res.metrics["r_mean"] <= 1

@@ -86,7 +86,7 @@ def test_update_refuses_an_unbumped_change_and_records_a_bumped_one(
     assert json.loads(recorded)["methods"]["clip"]["version"] == v
     assert versions.main(["--lock", str(lock_path)]) == 0
 
-    _edit(monkeypatch, "clip.py", lambda s: s.replace("F.normalize(", "F.normalize(1.0 * ", 1))
+    _edit(monkeypatch, "clip.py", lambda s: s.replace("local_loss=self.local_loss)", "local_loss=True)", 1))
     assert versions.main(["--lock", str(lock_path)]) == 1
     (refusal,) = versions.update(lock_path)
     assert (
