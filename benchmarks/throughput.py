@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medvlp_bench.atomic import atomic_write_text
 from medvlp_bench.config import compose, instantiate, tiny_overrides, unmet_requirements
-from medvlp_bench.run import build_method
+from medvlp_bench.run import build_method, tokenizer_of
 
 #: dense bf16 peak FLOP/s of known accelerators (vendor datasheets, no sparsity)
 PEAKS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
@@ -122,10 +122,7 @@ def _setup(method: str, kind: str, args: argparse.Namespace) -> tuple[Any, Any, 
         return None
     L.seed_everything(0, verbose=False)
     m = build_method(cfg)
-    dm = instantiate(cfg.data)
-    dm.batch_size = args.batch
-    if m.text_encoder is not None:
-        dm.tokenizer = m.text_encoder.tokenizer
+    dm = instantiate(cfg.data, batch_size=args.batch, tokenizer=tokenizer_of(m))
     return cfg, m, dm
 
 

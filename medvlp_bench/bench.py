@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 from filelock import FileLock, Timeout
-from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from . import results
-from .cell import Cell, resolve
-from .config import compose, tiny_overrides
+from .cell import STATUSES, Cell, resolve
+from .config import compose, configs_stamp, quoted, task_kind, tiny_overrides
 from .run import evaluate
 
 log = logging.getLogger("medvlp_bench")
@@ -52,7 +50,8 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
     fractions = list(s.get("label_fractions") or [None])
     protocols = list(s.get("protocols") or [None])
     out = []
-    kinds = {task: _task_kind(task, os.environ.get("MEDBENCH_CONFIG_PATH", "")) for task in s.tasks}
+    stamp = configs_stamp()
+    kinds = {task: _task_kind(task, stamp) for task in s.tasks}
     by_kind = s.get("task_overrides") or {}
     by_task = {task: [str(o) for o in by_kind.get(kind) or []] for task, kind in kinds.items()}
     by_method = s.get("method_overrides") or {}  # e.g. a pre-training lr only one method has
@@ -68,21 +67,22 @@ def cells(cfg: DictConfig, passthrough: list[str]) -> list[list[str]]:
                         ov = [f"method={method}", f"task={task}", f"seed={seed}"]
                         ov += [f"task.label_fraction={frac}"] if frac is not None else []
                         ov += [f"task.protocol={protocol}"] if protocol is not None else []
-                        ov += _tiny(method, os.environ.get("MEDBENCH_CONFIG_PATH", "")) if s.get("tiny") else []
+                        ov += list(_tiny(method, stamp)) if s.get("tiny") else []
                         ov += list(s.get("overrides") or []) + by_task[task]
                         out.append(ov + [str(o) for o in by_method.get(method) or []] + passthrough)
     return out
 
 
 @functools.cache
-def _task_kind(task: str, _config_path: str) -> str:
-    """The task class's ``kind`` (composed once per task and config path)."""
-    return str(get_class(str(compose("run", ["method=scratch", f"task={task}"]).task._target_)).kind)
+def _task_kind(task: str, _stamp: object) -> str:
+    """The task class's ``kind`` (composed once per task and config files)."""
+    return task_kind(compose("run", ["method=scratch", f"task={task}"]).task._target_)
 
 
 @functools.cache
-def _tiny(method: str, _config_path: str) -> list[str]:
-    return tiny_overrides(method)
+def _tiny(method: str, _stamp: object) -> tuple[str, ...]:
+    """The method's ``tiny:`` overrides (composed once per method and config files)."""
+    return tuple(tiny_overrides(method))
 
 
 #: task kinds that train nothing on labels: label fractions and protocols do not vary them
@@ -94,7 +94,7 @@ def plan(cfg: DictConfig, passthrough: list[str]) -> list[Cell]:
     writes to the bench's results folder."""
     out: list[Cell] = []
     seen: set[str] = set()
-    folder = f"paths.results_dir={Path(cfg.paths.results_dir).resolve()}"
+    folder = f"paths.results_dir={quoted(Path(cfg.paths.results_dir).resolve())}"
     for ov in cells(cfg, passthrough):
         cell = resolve([*ov, folder])
         if cell.name not in seen:
@@ -113,7 +113,7 @@ def dry_run(cfg: DictConfig, passthrough: list[str]) -> str:
         why = cell.gap if cell.gap else cell.weights_plan()
         lines.append(f"{status:<15} {cell.name}  [{why}]")
     where = Path(cfg.paths.results_dir) / "runs"
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "stale", "to run", "not applicable") if counts[s])
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s])
     lines.append(f"{len(grid)} cells in {where}: {summary or 'none'}")
     return "\n".join(lines)
 
@@ -144,7 +144,8 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             report.busy.append(name)
             continue
         try:
-            if cell.status() == "done":  # finished by another process since the first check
+            status = cell.status()  # again, under the lock: another process may have run it since
+            if status == "done":
                 report.skipped.append(name)
                 continue
             if status == "stale":

@@ -1,7 +1,8 @@
 """One evaluation cell, resolved once: the object ``medbench run`` and ``medbench bench`` execute.
 
-A cell is (method, task, protocol, label fraction, seed). Resolving it composes the run config (at most
-once more with the named pre-training corpus), then works out everything the run will touch before any
+A cell is (method, task, protocol, label fraction, seed). Resolving it composes the run config (once more
+with a named pre-training corpus, whose layout is read once per process), checks its values and ``_target_``s,
+then works out everything the run will touch before any
 work starts: the corpus, where the weights come from (``ckpt=``, the seeded initialisation, a cached or a new
 pre-training checkpoint), the method and task versions, the files the rows go to, and whether the method can
 run on the task at all (its ``requires:`` block, the corpus's channels). ``--dry-run`` prints this object;
@@ -11,18 +12,17 @@ run on the task at all (its ``requires:`` block, the corpus's channels). ``--dry
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import checkpoint, results
 from .checkpoint import checkpoint_dir
-from .config import compose, unmet_requirements
+from .config import PROTOCOLS, compose, configs_stamp, task_kind, unmet_requirements
 from .method import Method
-from .versions import as_version, method_version
+from .preflight import check_config, target_class
+from .versions import as_version
 
 #: sizes of generated (phantom) data that follow from ``task.data`` to a named corpus, so that a small run
 #: (``suite=smoke``, tests) pre-trains on equally small data; nothing else (roots, batch sizes) follows
@@ -49,7 +49,8 @@ class Cell:
     seed: int
     protocol: str
     label_fraction: float
-    #: (method version, task version) the rows will carry
+    #: (method version, task version) of the code: what a new row carries (rows from a ``ckpt=`` pre-trained by
+    #: an older method version carry that version instead, ``run.checkpoint_version``)
     versions: tuple[int, int]
     #: ``ckpt`` (a given checkpoint), ``init`` (the seeded initialisation) or ``pretrain`` (cached or new)
     weights: str
@@ -104,15 +105,18 @@ class Cell:
     def describe(self) -> str:
         """What ``--dry-run`` prints: the resolved cell, one fact a line."""
         mv, tv = self.versions
+        status = self.status()
+        why = {"done": " (bench would skip it; run re-runs it)", "not applicable": f": {self.gap}"}
         lines = [
             f"cell         {self.name}",
-            f"status       {self.status()}" + (f": {self.gap}" if self.gap else ""),
+            f"status       {status}{why.get(status, '')}",
             f"method       {self.method} (version {mv})",
             f"task         {self.task} (version {tv}, {self.kind}, protocol {self.protocol}, "
             f"{100 * self.label_fraction:g}% of the labels, seed {self.seed})",
             f"weights      {self.weights_plan()}",
             f"rows         {self.rows_path}",
             f"predictions  {self.predictions_path}",
+            f"overrides    {' '.join(self.overrides)}",
         ]
         if stored := results.stored_versions(self.runs_dir, self.name):
             lines.append(f"stored at    (method, task) versions {sorted(stored)}")
@@ -140,8 +144,12 @@ def _own_data_as_corpus(cfg: DictConfig) -> None:
 
 
 def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
+    check_config(cfg)  # values, allow-listed targets, interpolations: one-line errors before any import
     task = cfg.task
-    method_cls = get_class(cfg.method.model._target_)
+    method_cls = target_class(cfg.method.model._target_, "method.model")
+    kind = task_kind(task._target_)
+    protocol = str(task.get("protocol") or PROTOCOLS.get(kind, ("linear",))[0])  # the task classes' defaults
+    fraction = float(task.get("label_fraction") or 1.0)
     if cfg.get("ckpt"):
         weights, folder = "ckpt", Path(str(cfg.ckpt))
     elif not method_cls.needs_pretraining:
@@ -150,20 +158,23 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
         weights, folder = "pretrain", checkpoint_dir(cfg)
     gap = None
     if not cfg.get("ckpt"):
-        gap = unmet_requirements(cfg.method, cfg.data or task.data) or channel_gap(cfg)
+        gap = unmet_requirements(cfg.method, cfg.data or task.data) or channel_gap(cfg, method_cls)
     names = cfg.names
     return Cell(
         cfg=cfg,
         overrides=tuple(overrides),
-        name=results.cell_name(names.method, names.task, str(task.protocol), float(task.label_fraction), int(cfg.seed)),
+        name=results.cell_name(names.method, names.task, protocol, fraction, int(cfg.seed)),
         method=str(names.method),
         task=str(names.task),
-        kind=task_kind(task),
+        kind=kind,
         corpus=str(names.get("data") or task.data.get("name", names.task)),
         seed=int(cfg.seed),
-        protocol=str(task.protocol),
-        label_fraction=float(task.label_fraction),
-        versions=(method_version(cfg.method.model._target_), as_version(task.get("version", 1), str(names.task))),
+        protocol=protocol,
+        label_fraction=fraction,
+        versions=(
+            as_version(getattr(method_cls, "version", 1), f"method {names.method}"),
+            as_version(task.get("version", 1), str(names.task)),
+        ),
         weights=weights,
         checkpoint=folder,
         results_dir=Path(str(cfg.paths.results_dir)),
@@ -171,25 +182,20 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
     )
 
 
-def task_kind(task_cfg: DictConfig) -> str:
-    """The ``kind`` the task class declares (``Task.kind``): the task says what it is."""
-    return str(get_class(str(task_cfg._target_)).kind)
-
-
-def channel_gap(cfg: DictConfig) -> str | None:
+def channel_gap(cfg: DictConfig, method_cls: type) -> str | None:
     """Why the corpus's channel count cannot serve the task's (a method that cannot adapt its stem), or None."""
     corpus, task = cfg.data or cfg.task.data, cfg.task.data
     have, need = corpus.get("in_channels"), task.get("in_channels")
     if have is None or need is None or int(have) == int(need):
         return None
-    if get_class(cfg.method.model._target_).adapt_to_input is not Method.adapt_to_input:
+    if method_cls.adapt_to_input is not Method.adapt_to_input:
         return None  # e.g. BrainMVP re-makes its stem for the task's channels
     return f"it pre-trains on {int(have)}-channel {corpus.get('name', 'data')} and cannot take the task's {int(need)}"
 
 
 def following_overrides(overrides: list[str], corpus: str) -> list[str]:
     """``task.data.<k>=v`` (k in FOLLOW_KEYS) as overrides of the named corpus or of each of its ``parts``."""
-    keys, parts = _corpus_layout(corpus, os.environ.get("MEDBENCH_CONFIG_PATH", ""))
+    keys, parts = _corpus_layout(corpus, configs_stamp())
     out = []
     for o in overrides:
         key, _, value = o.lstrip("+").partition("=")
@@ -205,8 +211,8 @@ def following_overrides(overrides: list[str], corpus: str) -> list[str]:
 
 
 @functools.cache
-def _corpus_layout(corpus: str, _config_path: str) -> tuple[frozenset[str], tuple[tuple[str, frozenset[str]], ...]]:
-    """The keys of a named corpus and of each of its ``parts`` (composed once per corpus and config path)."""
+def _corpus_layout(corpus: str, _stamp: object) -> tuple[frozenset[str], tuple[tuple[str, frozenset[str]], ...]]:
+    """The keys of a named corpus and of each of its ``parts`` (composed once per corpus and config files)."""
     data = compose("pretrain", ["method=scratch", f"data={corpus}"]).data
     parts = tuple((str(n), frozenset(str(k) for k in p)) for n, p in (data.get("parts") or {}).items())
     return frozenset(str(k) for k in data), parts

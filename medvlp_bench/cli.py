@@ -18,7 +18,7 @@ from pathlib import Path
 
 VERBS = ("run", "pretrain", "bench", "leaderboard", "list", "data", "compare", "report", "convert")
 PASSTHROUGH = ("compare", "report", "convert")
-#: the ``--results`` help, as ``results.RESULTS_HELP`` (not imported: ``--help`` stays fast)
+#: the ``--results`` help of every verb (compare and report import it from here)
 RESULTS_HELP = "results folder (default: $MEDBENCH_RESULTS, else $MEDBENCH_HOME/results, else ./results)"
 DRY_RUN_HELP = {
     "run": "print the resolved cell (weights: given, cached or to pre-train; corpus; rows) and exit",
@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, help=help_)
         sp.add_argument("overrides", nargs="*", help="Hydra-style key=value overrides")
         sp.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP[verb])
-        sp.add_argument("--results", default=None, help=RESULTS_HELP + "; the same as paths.results_dir=DIR")
+        if verb != "pretrain":  # pre-training writes a checkpoint (paths.cache_dir), no results
+            sp.add_argument("--results", default=None, help=RESULTS_HELP + "; the same as paths.results_dir=DIR")
     lb = sub.add_parser("leaderboard", help="aggregate result rows into leaderboard.csv/.md")
     lb.add_argument("--results", default=None, help=RESULTS_HELP)
     lb.add_argument("--format", choices=("csv", "md"), default="md", help="what to print")
@@ -145,7 +146,9 @@ def with_results(overrides: list[str], results_dir: str | None) -> list[str]:
     """``--results DIR`` as the ``paths.results_dir`` override (first, so an explicit override still wins)."""
     if not results_dir:
         return list(overrides)
-    return [f"paths.results_dir={Path(results_dir).expanduser().resolve()}", *overrides]
+    from .config import quoted
+
+    return [f"paths.results_dir={quoted(Path(results_dir).expanduser().resolve())}", *overrides]
 
 
 def cmd_run(overrides: list[str], dry_run: bool = False) -> int:
@@ -173,11 +176,15 @@ def cmd_pretrain(overrides: list[str], dry_run: bool = False) -> int:
 
     cfg = compose("pretrain", overrides)
     if dry_run:
+        from .preflight import check_pretrain
+
         folder = checkpoint_dir(cfg)
         sched = cfg.method.pretrain
         state = "cached" if is_checkpoint(folder) else "to train"
         print(f"{cfg.names.method} on {cfg.names.data} (seed {cfg.seed}, {sched.max_epochs} epochs, "
               f"batch {sched.batch_size}): {state}: {folder}")  # fmt: skip
+        if state == "to train":
+            check_pretrain(cfg)  # what the real run checks before training: method, corpus, data
         return 0
     print(pretrain(cfg))
     return 0
@@ -226,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.verb in PASSTHROUGH:  # these verbs parse their own options (argparse REMAINDER drops a leading --opt)
         args.args = argv[argv.index(args.verb) + 1 :]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    else:
+        if args.verb in ("run", "pretrain", "bench"):  # overrides after a --flag: argparse leaves them over
+            args.overrides += [e for e in extra if not e.startswith("-")]
+            extra = [e for e in extra if e.startswith("-")]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose, heavy=args.verb in ("run", "pretrain", "bench"))
     from .config import ConfigError
     from .datasets._errors import DataError
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "leaderboard":
             return cmd_leaderboard(args.results, args.format)
         verb = {"run": cmd_run, "pretrain": cmd_pretrain, "bench": cmd_bench}[args.verb]
-        return verb(with_results(args.overrides, args.results), args.dry_run)
+        return verb(with_results(args.overrides, getattr(args, "results", None)), args.dry_run)
     except (ConfigError, FileNotFoundError, DataError, ResultsWriteError) as e:
         print(f"medbench {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,12 @@ def search_dirs() -> list[Path]:
     return [config_dir(), *extra]
 
 
+def configs_stamp() -> tuple[tuple[str, int], ...]:
+    """Every config file in the search folders with its modification time: the key of a memo of composed configs,
+    so an edited yaml or another MEDBENCH_CONFIG_PATH in the same process is never served a stale one."""
+    return tuple((str(f.resolve()), f.stat().st_mtime_ns) for d in search_dirs() for f in sorted(d.rglob("*.yaml")))
+
+
 def options(group: str) -> list[str]:
     """Names available in a config group (file stems), across all search folders."""
     names: set[str] = set()
@@ -75,9 +81,23 @@ KIND_ORDER = ("classification", "segmentation", "retrieval", "zeroshot")
 
 
 def task_kind(target: object) -> str:
-    """``medvlp_bench.tasks.classification.Classification`` -> ``classification``."""
-    parts = str(target or "").rsplit(".", 2)
-    return parts[-2] if len(parts) >= 2 else ""
+    """The ``kind`` a task class declares (``Task.kind``: the task says what it is), from its ``_target_``; ""
+    for a target that is not allow-listed, cannot be imported or declares no kind."""
+    from hydra.utils import get_class
+
+    try:
+        check_targets({"_target_": str(target or "")})
+        return str(getattr(get_class(str(target)), "kind", ""))
+    except Exception:  # a bad target is reported where the task is built, with its key
+        return ""
+
+
+def quoted(value: object) -> str:
+    """``value`` as a quoted Hydra override value: a path with commas, brackets, ``=`` or ``${`` stays a string."""
+    # Hydra unescapes backslashes only in front of a quote (and the closing one): double just those runs
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(value))
+    text = text.replace("'", "\\'").replace("${", "\\${")  # a literal quote; no interpolation
+    return f"'{text}'"
 
 
 def _yaml(group: str, name: str) -> DictConfig | None:

@@ -38,14 +38,34 @@ def check_cell(cfg: DictConfig) -> None:
         if not is_checkpoint(cfg.ckpt):
             raise ConfigError(f"ckpt={cfg.ckpt} is not a checkpoint folder (it needs {WEIGHTS} and {CONFIG})")
     check_data(cfg.task.data, "task.data")
+    check_task(cfg)
     if _needs_corpus(cfg):
         check_data(cfg.data, "data")
 
 
 def check_pretrain(cfg: DictConfig) -> None:
-    """Everything ``run.pretrain`` will need: the config and the corpus (with its parts)."""
+    """Everything ``run.pretrain`` will need: the config, a method that pre-trains and can take the corpus, and
+    the corpus (with its parts)."""
     _check_config(cfg)
+    if (gap := unmet_requirements(cfg.method, cfg.data)) is not None:
+        raise ConfigError(f"method {cfg.names.method!r} cannot pre-train on {cfg.names.data!r}: {gap}")
+    if not getattr(target_class(cfg.method.model._target_, "method.model"), "needs_pretraining", True):
+        raise ConfigError(f"method {cfg.names.method!r} has no pre-training objective")
     check_data(cfg.data, "data")
+
+
+def check_task(cfg: DictConfig) -> None:
+    """Build the task once, as the run will (without a tokenizer), so a task config the class refuses (a bad
+    protocol, a zero-shot task without prompts) fails in seconds, not after pre-training."""
+    try:
+        instantiate(cfg.task)
+    except InstantiationException as e:
+        raise ConfigError(f"task {cfg.names.task!r}: {_one_line(str(e.__cause__ or e))}") from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values, the ``_target_`` allow-list and every interpolation resolve; a ConfigError otherwise."""
+    _check_config(cfg)
 
 
 def _check_config(cfg: DictConfig) -> None:
@@ -70,7 +90,7 @@ def _needs_corpus(cfg: DictConfig) -> bool:
     method cannot do (skipped), ``pretrain=never`` (refused later with its own message) or a cached checkpoint."""
     if cfg.get("ckpt") or cfg.get("data") is None or cfg.get("pretrain") == "never":
         return False
-    if not getattr(_target(cfg.method.model._target_, "method.model"), "needs_pretraining", True):
+    if not getattr(target_class(cfg.method.model._target_, "method.model"), "needs_pretraining", True):
         return False
     if unmet_requirements(cfg.method, cfg.data) is not None:
         return False
@@ -88,7 +108,7 @@ def check_data(data_cfg: DictConfig, where: str) -> None:
     from .datasets._common import AdapterDataModule
 
     target = spec.get("_target_")
-    cls = _target(target, where) if target else None
+    cls = target_class(target, where) if target else None
     if not (isinstance(cls, type) and issubclass(cls, AdapterDataModule)):
         return  # generated (phantom) data, or a corpus of parts checked above
     key = json.dumps(spec, sort_keys=True, default=str)
@@ -108,7 +128,7 @@ def check_data(data_cfg: DictConfig, where: str) -> None:
     _PASSED.add(key)
 
 
-def _target(target: object, where: str) -> Any:
+def target_class(target: object, where: str) -> Any:
     """What a ``_target_`` names (already allow-listed: a class or a factory), or a ConfigError naming the key."""
     try:
         return get_object(str(target))

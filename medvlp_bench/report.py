@@ -27,6 +27,7 @@ import pandas as pd
 
 from . import results, stats
 from .atomic import atomic_write_bytes
+from .cli import RESULTS_HELP
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -192,7 +193,7 @@ def main_report(argv: Sequence[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="medbench report", description="self-contained HTML report of the results")
-    ap.add_argument("--results", default=None, help=results.RESULTS_HELP)
+    ap.add_argument("--results", default=None, help=RESULTS_HELP)
     ap.add_argument("--out", default=None, help="output folder (default: <results>/report)")
     ap.add_argument("--baseline", default="scratch", help="method the paired tests compare against")
     ap.add_argument("--level", type=float, default=0.95, help="confidence level of the paired-test intervals")

@@ -237,10 +237,6 @@ def method_label(method: str, version: object, learned: object) -> str:
     return _named(method, version) + (" (not learned)" if learned is False else "")
 
 
-#: the ``--results`` help of every verb
-RESULTS_HELP = "results folder (default: $MEDBENCH_RESULTS, else $MEDBENCH_HOME/results, else ./results)"
-
-
 def results_dir(given: str | Path | None = None) -> Path:
     """The results folder every verb uses: ``given`` (``--results``), else ``paths.results_dir`` of the default
     paths config (``MEDBENCH_RESULTS``, else ``$MEDBENCH_HOME/results``, else ``./results``)."""

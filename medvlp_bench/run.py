@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, checkpoint, proxy, results, tracking
 from .cell import Cell
 from .checkpoint import checkpoint_dir, pretrain_key
-from .config import ConfigError, instantiate, to_container, unmet_requirements
+from .config import ConfigError, instantiate, to_container
 from .method import Method
 from .preflight import check_cell, check_pretrain
 from .task import EvalContext, Task
@@ -128,12 +128,8 @@ def pretrain(cfg: DictConfig) -> Path:
 
 
 def _pretrain(cfg: DictConfig, out: Path) -> Path:
-    if (gap := unmet_requirements(cfg.method, cfg.data)) is not None:
-        raise ConfigError(f"method {cfg.names.method!r} cannot pre-train on {cfg.names.data!r}: {gap}")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method = build_method(cfg)
-    if not method.needs_pretraining:
-        raise ConfigError(f"method {cfg.names.method!r} has no pre-training objective")
     init = checkpoint.snapshot(method.image_encoder)  # the seeded init, also on resume (loaded later by fit)
     sched = cfg.method.pretrain
     dm = instantiate(cfg.data, batch_size=int(sched.batch_size), rng_seed=int(cfg.seed), tokenizer=tokenizer_of(method))
@@ -254,8 +250,6 @@ def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
     if cfg.ckpt:
         folder = Path(cfg.ckpt)
         return load_method(folder), checkpoint.file_sha256(folder / checkpoint.WEIGHTS)
-    if (gap := unmet_requirements(cfg.method, cfg.data)) is not None:
-        raise ConfigError(f"method {cfg.names.method!r} cannot pre-train on {cfg.names.data!r}: {gap}")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method = build_method(cfg)
     if not method.needs_pretraining:
@@ -268,7 +262,8 @@ def obtain_method(cfg: DictConfig) -> tuple[Method, str | None]:
 
 # ---- evaluation ----------------------------------------------------------------------------------
 def evaluate(cell: Cell) -> list[results.ResultRow]:
-    """Run one resolved cell and write its rows; returns the rows (empty if the task does not apply)."""
+    """Run one resolved cell and write its rows; returns the rows (empty if the task does not apply, and on
+    every rank but 0, which join the pre-training only)."""
     t0 = time.time()
     cfg, names = cell.cfg, cell.cfg.names
     if is_rank_zero():
@@ -280,7 +275,8 @@ def evaluate(cell: Cell) -> list[results.ResultRow]:
     method, ckpt_sha = obtain_method(cfg)
     if not is_rank_zero():
         return []
-    # the task's datamodule is built complete: with the tokenizer of the method it will feed
+    # the task's datamodule is built complete: with the tokenizer of the method it will feed. Building it draws no
+    # random numbers, so adapt_to_input below sees the RNG state it saw when the task was built first
     task: Task = instantiate(cfg.task, data=instantiate(cfg.task.data, tokenizer=tokenizer_of(method)))
     if (gap := method.input_gap(int(task.data.spatial_dims), int(task.data.in_channels))) is not None:
         log.warning("skipping %s on %s: %s", names.method, names.task, gap)

@@ -280,7 +280,7 @@ def main_compare(argv: Sequence[str]) -> int:
     import argparse
     import sys
 
-    from .results import RESULTS_HELP
+    from .cli import RESULTS_HELP
     from .results import results_dir as find_results
 
     ap = argparse.ArgumentParser(prog="medbench compare", description="paired test of method A against B")

@@ -2,7 +2,7 @@
 
 A method's version is its class attribute ``version`` (``Method.version = 1``; a subclass sets its own); a
 task's is ``version:`` in ``configs/task/<name>.yaml``. Both are integers, bumped by hand when behaviour
-changes. The method version enters the pre-training cache key (``run.pretrain_key``) and both enter every
+changes. The method version enters the pre-training cache key (``checkpoint.pretrain_key``) and both enter every
 result row, so ``medbench bench`` re-runs a cell whose stored rows have other versions and the leaderboard
 never averages rows of different versions.
 

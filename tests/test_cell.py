@@ -74,7 +74,8 @@ def test_resolving_composes_at_most_twice_and_sizes_follow_to_every_corpus_part(
 
 
 def test_datamodules_are_complete_when_built() -> None:
-    """Batch size, seed and tokenizer are constructor arguments, also for a corpus of parts (they reach each)."""
+    """Batch size, seed and tokenizer are constructor arguments, also for a corpus of parts (batch size and
+    tokenizer reach each part; its alternating loader shuffles with Lightning's seeded samplers)."""
     tok = build_text_encoder("bert_tiny").tokenizer
     single = compose("pretrain", ["method=clip", "data=phantom_cxr"]).data
     dm = instantiate(single, batch_size=7, rng_seed=3, tokenizer=tok)
@@ -127,3 +128,34 @@ def test_a_protocol_list_applies_to_classification_and_keeps_other_kinds() -> No
         "phantom_cxr_cls__scratch__linear__f0.1__s0",
         "phantom_cxr_seg__scratch__finetune__f0.1__s0",
     ]
+
+
+def test_flags_may_come_between_overrides(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "method=scratch", "--dry-run", "task=phantom_cxr_cls", "seed=3"]) == 0
+    assert "phantom_cxr_cls__scratch__linear__f0.01__s3" in capsys.readouterr().out
+
+
+def test_a_results_folder_with_hydra_syntax_in_its_name_stays_a_path(workdir: Path, capsys) -> None:
+    """``--results`` and the bench's folder travel as a quoted override: commas, brackets, quotes, ``${}`` stay."""
+    odd = workdir / "results (copy),v2 it's ${x}"
+    assert main(["run", "method=scratch", "task=phantom_cxr_cls", "--results", str(odd), "--dry-run"]) == 0
+    assert str(odd / "runs") in capsys.readouterr().out
+    assert main(["bench", "suite=smoke", "suite.methods=[scratch]", "suite.tasks=[phantom_cxr_cls]", "--dry-run",
+                 "--results", str(odd)]) == 0  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[-1] == f"1 cells in {odd / 'runs'}: 1 to run"
+
+
+def test_a_task_the_class_refuses_fails_before_pre_training(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    """The task is built after the method (it needs the method's tokenizer), so pre-flight builds it first."""
+    bad = ["method=clip", "task=phantom_cxr_seg", "task.monitor=auroc"]
+    assert main(["run", *bad, "--dry-run"]) == 2
+    assert "segmentation monitor must be 'dice' or 'loss'" in capsys.readouterr().err
+    assert main(["run", *bad]) == 2  # the real run: the same line, and nothing pre-trained
+    assert not list((workdir / "cache").glob("checkpoints/*"))
+
+
+def test_pretrain_dry_run_checks_what_the_run_would(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["pretrain", "method=clip", "data=phantom_cxr", "--dry-run"]) == 0
+    assert "to train" in capsys.readouterr().out
+    assert main(["pretrain", "method=scratch", "data=phantom_cxr", "--dry-run"]) == 2
+    assert "no pre-training objective" in capsys.readouterr().err
