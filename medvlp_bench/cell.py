@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -152,7 +153,7 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
     fraction = float(task.get("label_fraction") or 1.0)
     if cfg.get("ckpt"):
         weights, folder = "ckpt", Path(str(cfg.ckpt))
-    elif not method_cls.needs_pretraining:
+    elif not getattr(method_cls, "needs_pretraining", True):
         weights, folder = "init", None
     else:
         weights, folder = "pretrain", checkpoint_dir(cfg)
@@ -182,13 +183,13 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
     )
 
 
-def channel_gap(cfg: DictConfig, method_cls: type) -> str | None:
+def channel_gap(cfg: DictConfig, method_cls: Any) -> str | None:
     """Why the corpus's channel count cannot serve the task's (a method that cannot adapt its stem), or None."""
     corpus, task = cfg.data or cfg.task.data, cfg.task.data
     have, need = corpus.get("in_channels"), task.get("in_channels")
     if have is None or need is None or int(have) == int(need):
         return None
-    if method_cls.adapt_to_input is not Method.adapt_to_input:
+    if getattr(method_cls, "adapt_to_input", Method.adapt_to_input) is not Method.adapt_to_input:
         return None  # e.g. BrainMVP re-makes its stem for the task's channels
     return f"it pre-trains on {int(have)}-channel {corpus.get('name', 'data')} and cannot take the task's {int(need)}"
 
