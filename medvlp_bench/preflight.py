@@ -31,7 +31,7 @@ _PASSED: set[str] = set()
 
 def check_cell(cfg: DictConfig) -> None:
     """Everything ``run.evaluate`` will need for this cell; raises ConfigError or DataError, does no work."""
-    _check_config(cfg)
+    check_config(cfg)
     if cfg.get("ckpt"):
         from .checkpoint import CONFIG, WEIGHTS, is_checkpoint
 
@@ -46,7 +46,7 @@ def check_cell(cfg: DictConfig) -> None:
 def check_pretrain(cfg: DictConfig) -> None:
     """Everything ``run.pretrain`` will need: the config, a method that pre-trains and can take the corpus, and
     the corpus (with its parts)."""
-    _check_config(cfg)
+    check_config(cfg)
     if (gap := unmet_requirements(cfg.method, cfg.data)) is not None:
         raise ConfigError(f"method {cfg.names.method!r} cannot pre-train on {cfg.names.data!r}: {gap}")
     if not getattr(target_class(cfg.method.model._target_, "method.model"), "needs_pretraining", True):
@@ -64,11 +64,7 @@ def check_task(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Values, the ``_target_`` allow-list and every interpolation resolve; a ConfigError otherwise."""
-    _check_config(cfg)
-
-
-def _check_config(cfg: DictConfig) -> None:
+    """Values, the ``_target_`` allow-list, every interpolation and the device; a ConfigError otherwise."""
     check_values(cfg)
     check_targets(cfg)
     try:
