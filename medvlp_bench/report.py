@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import results, stats
+from . import comparison, results, stats
 from .atomic import atomic_write_bytes
 from .cli import RESULTS_HELP
 
@@ -198,6 +198,12 @@ def main_report(argv: Sequence[str]) -> int:
     ap.add_argument("--baseline", default="scratch", help="method the paired tests compare against")
     ap.add_argument("--level", type=float, default=0.95, help="confidence level of the paired-test intervals")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for non-AUROC metrics")
+    ap.add_argument(
+        "--suite",
+        default=None,
+        help="also the suite's comparison table (each method against its own-encoder scratch and the reference, "
+        "from the suite's `comparison:` block), into the page and as comparison.md/.csv",
+    )
     args = ap.parse_args(list(argv))
     if not 0 < args.level < 1:
         return _fail(f"--level must be between 0 and 1, got {args.level}")
@@ -211,7 +217,21 @@ def main_report(argv: Sequence[str]) -> int:
         return _fail(str(e))
     if rows.empty:
         return _fail(f"no result rows in {runs}; run `medbench bench` (or `medbench run`) first")
-    files = render(rows, res_dir, args.baseline, args.level, args.n_boot)  # everything in memory first
+    extra = ""
+    comparison_files: dict[str, bytes] = {}
+    if args.suite:
+        try:
+            plan, order = comparison.suite_plan(args.suite)
+        except ValueError as e:  # ConfigError too: an unknown suite names the valid ones
+            return _fail(str(e))
+        df = comparison.table(res_dir, plan, order, level=args.level, n_boot=args.n_boot)
+        extra = _comparison_section(df, plan, args.suite)
+        comparison_files = {
+            "comparison.md": comparison.markdown(df, plan, args.level).encode("utf-8"),
+            "comparison.csv": df.to_csv(index=False).encode("utf-8"),
+        }
+    files = render(rows, res_dir, args.baseline, args.level, args.n_boot, extra)  # everything in memory first
+    files |= comparison_files
     out = Path(args.out) if args.out else res_dir / "report"
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
@@ -259,8 +279,39 @@ def _paired_section(done: list[dict], skipped: list[str], baseline: str, level: 
     return intro + table + "".join(f'<p class="note">{_e(why)}</p>' for why in skipped)
 
 
-def render(rows: pd.DataFrame, res_dir: Path, baseline: str, level: float, n_boot: int = 2000) -> dict[str, bytes]:
-    """The report's files (``index.html``, ``leaderboard.md``, PNGs) as bytes, nothing written yet."""
+def _comparison_section(df: pd.DataFrame, plan: comparison.ComparisonPlan, suite: str) -> str:
+    """The suite's comparison table (``comparison.table``): one HTML table per task."""
+
+    def diff(r: object, suffix: str) -> tuple[str, str]:
+        d = getattr(r, f"diff_{suffix}")
+        if d is None or math.isnan(d):
+            return ("", "")
+        lo, hi, p = (getattr(r, f"{k}_{suffix}") for k in ("ci_low", "ci_high", "p"))
+        return ("num", f"{_num(d, '+.3f')} [{_num(lo, '+.3f')}, {_num(hi, '+.3f')}] p={_num(p, '.2g')}")
+
+    ref = plan.reference or "reference"
+    header = ["protocol", "labels", "method", "mean ± std", "seeds", "own-encoder scratch", "Δ vs it [95% CI]",
+              f"Δ vs {ref} [95% CI]", "learned", "note"]  # fmt: skip
+    out = [f'<h2 id="comparison">0. Which method helps (suite {_e(suite)})</h2>'
+           "<p>Each method minus its own untrained encoder and minus the reference, on the same test samples, "
+           "pooled over the seeds both have (DeLong for AUROC, paired bootstrap otherwise).</p>"]  # fmt: skip
+    for (task, metric), g in df.groupby(["task", "metric"], sort=True):
+        body = [
+            [("", _e(r.protocol)), ("num", _e(f"{r.label_fraction:g}")), ("", _e(r.method)),
+             ("num", _num(r.mean) + ("" if math.isnan(r.std) else " ± " + _num(r.std))), ("num", _e(r.n_seeds)),
+             ("", _e(r.twin if isinstance(r.twin, str) else "")), diff(r, "twin"), diff(r, "ref"),
+             ("", _learned(r.learned)), ("", _e(r.note))]
+            for r in g.itertuples()
+        ]  # fmt: skip
+        out.append(f"<h3>{_e(task)} · {_e(metric)}</h3>" + _table(header, body))
+    return "".join(out)
+
+
+def render(
+    rows: pd.DataFrame, res_dir: Path, baseline: str, level: float, n_boot: int = 2000, extra: str = ""
+) -> dict[str, bytes]:
+    """The report's files (``index.html``, ``leaderboard.md``, PNGs) as bytes, nothing written yet. ``extra``:
+    HTML put first on the page (the suite's comparison table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,11 +344,13 @@ def render(rows: pd.DataFrame, res_dir: Path, baseline: str, level: float, n_boo
     paired = _paired_section(*paired_rows(res_dir, prim, baseline, level, n_boot), baseline, level)
     tables += [f'<p class="note">{_e(n)}</p>' for n in left_out_notes(res_dir / "runs")]
     files["leaderboard.md"] = results.leaderboard_markdown(lb).encode("utf-8")
-    files["index.html"] = _page(rows, res_dir, tables, figs, paired).encode("utf-8")
+    files["index.html"] = _page(rows, res_dir, tables, figs, paired, extra).encode("utf-8")
     return files
 
 
-def _page(rows: pd.DataFrame, res_dir: Path, tables: list[str], figs: dict[str, list[str]], paired: str) -> str:
+def _page(
+    rows: pd.DataFrame, res_dir: Path, tables: list[str], figs: dict[str, list[str]], paired: str, extra: str = ""
+) -> str:
     """Assemble the HTML document; provenance first, so a reader knows what code and data produced it."""
     n_cells = len(rows.drop_duplicates(["task", "method", "protocol", "label_fraction", "seed"]))
     meta = [
@@ -317,6 +370,7 @@ def _page(rows: pd.DataFrame, res_dir: Path, tables: list[str], figs: dict[str, 
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head><body>
 <h1>medvlp-bench report</h1>
 {meta_html}</table>
+{extra}
 <h2 id="leaderboard">1. Leaderboard (primary metric per task)</h2>
 <p>Mean ± standard deviation over seeds; the 95% CI is Student-t over seeds (seed variance, not test-set noise),
 clipped to the metric's range (e.g. [0, 1] for AUROC and Dice).</p>

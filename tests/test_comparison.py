@@ -1,0 +1,86 @@
+"""The suite comparison table (``medvlp_bench.comparison``): each method against its own twin and the reference.
+
+Results folders are written with ``test_report.write_results`` (the project's own writers), with three methods
+whose scores separate the classes to different degrees, so the signs of the paired differences are known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_report import FRACTIONS, TASK, write_results
+
+from medvlp_bench import comparison, stats
+from medvlp_bench.comparison import ComparisonPlan
+from medvlp_bench.report import main_report
+
+# noise of each method's scores: lower separates better (good > reference > twin floor)
+NOISE = {"good": 0.4, "clip": 0.8, "scratch_big": 2.0, "scratch": 1.0}
+PLAN = ComparisonPlan(reference="clip", twin="scratch", twins={"good": "scratch_big"})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_results(tmp_path_factory.mktemp("cmp"), NOISE)
+
+
+def test_each_method_is_compared_with_its_own_twin_and_the_reference(folder: Path) -> None:
+    df = comparison.table(folder, PLAN, ["scratch", "scratch_big", "clip", "good"], n_boot=200)
+    assert len(df) == len(NOISE) * len(FRACTIONS)
+    for frac in FRACTIONS:
+        g = df[df["label_fraction"] == frac].set_index("method")
+        assert list(g.index) == ["scratch", "scratch_big", "clip", "good"]  # the suite's order
+        assert g.loc["good", "twin"] == "scratch_big" and g.loc["clip", "twin"] == "scratch"
+        assert g.loc["good", "reference"] == "clip" and pd.isna(g.loc["clip", "reference"])  # not against itself
+        for baseline in ("scratch", "scratch_big"):  # floors carry no differences of their own
+            assert pd.isna(g.loc[baseline, "diff_twin"]) and pd.isna(g.loc[baseline, "diff_ref"])
+        # the numbers are stats.compare's pooled row, the same as `medbench compare good scratch_big`
+        ref = stats.compare(folder, "good", "scratch_big", TASK, "linear", frac, metric="auroc")
+        pooled = ref[ref["seed"] == "pooled"].iloc[0]
+        assert g.loc["good", "diff_twin"] == pytest.approx(pooled["diff"])
+        assert g.loc["good", "p_twin"] == pytest.approx(pooled["p_value"])
+        assert g.loc["good", "seeds_twin"] == 3
+        assert g.loc["good", "diff_twin"] > 0 and g.loc["good", "diff_ref"] > 0
+        assert g.loc["good", "diff_twin"] > g.loc["good", "diff_ref"]  # the twin is the weaker floor here
+
+
+def test_a_missing_baseline_is_named_not_hidden(tmp_path: Path) -> None:
+    write_results(tmp_path, {"good": 0.4, "scratch": 1.0})
+    df = comparison.table(tmp_path, PLAN, None, n_boot=100)
+    row = df[(df["method"] == "good")].iloc[0]
+    assert np.isnan(row["diff_twin"]) and np.isnan(row["diff_ref"])
+    assert "no scratch_big result here" in row["note"] and "no clip result here" in row["note"]
+    md = comparison.markdown(df, PLAN)
+    assert "no scratch_big result here" in md
+
+
+def test_plan_from_a_suite_block_refuses_unknown_keys() -> None:
+    plan = ComparisonPlan.from_config({"reference": None, "twins": {"gtgm": "scratch_swin"}}, "suite x")
+    assert plan.reference is None and plan.twin_of("gtgm") == "scratch_swin" and plan.twin_of("clip") == "scratch"
+    with pytest.raises(ValueError, match=r"suite x: comparison has unknown keys \['twn'\]; allowed"):
+        ComparisonPlan.from_config({"twn": "scratch"}, "suite x")
+
+
+def test_shipped_suites_name_methods_they_run() -> None:
+    for suite in ("methods_small", "methods_cpu"):
+        plan, methods = comparison.suite_plan(suite)
+        assert plan.reference in methods and plan.baselines() <= set(methods), suite
+        assert set(plan.twins) <= set(methods), suite
+
+
+def test_report_writes_the_suite_table(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    assert main_report(["--results", str(folder), "--suite", "methods_cpu", "--out", str(out), "--n-boot", "100"]) == 0
+    md = (out / "comparison.md").read_text()
+    csv = pd.read_csv(out / "comparison.csv")
+    assert set(csv["method"]) == set(NOISE) and f"### {TASK} (auroc, higher is better)" in md
+    assert 'id="comparison"' in (out / "index.html").read_text()
+
+
+def test_report_names_an_unknown_suite(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_report(["--results", str(folder), "--suite", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "methods_small" in err
