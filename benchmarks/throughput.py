@@ -10,6 +10,7 @@ For each (method, corpus) it measures, over the same batches from the same DataL
 - peak memory (CUDA: max allocated; CPU: the process's peak RSS so far) and, on CUDA with NVML, GPU busy %.
 
     python benchmarks/throughput.py --tiny --size 32 --steps 10            # CPU regression figures
+    python benchmarks/throughput.py --size cxr=128,ct=64,mri=64 --batch method   # at suite=methods_small's size
     python benchmarks/throughput.py --device cuda --methods clip --kinds cxr --size 224 --batch 256
 
 Writes ``<out>/throughput-<device>.json`` and ``.md`` atomically. Numbers depend on the machine's load.
@@ -113,16 +114,38 @@ class _Busy:
         return sum(self.samples) / len(self.samples) / 100 if self.samples else None
 
 
+def parse_sizes(text: str) -> dict[str, int]:
+    """``--size``: one side for every corpus (``32``) or one per kind (``cxr=128,ct=64,mri=64``)."""
+    if "=" not in text:
+        return {"*": int(text)}
+    out = {}
+    for part in text.split(","):
+        kind, sep, side = part.partition("=")
+        if not sep or not side.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--size: expected N or kind=N,...; got {part!r} in {text!r}")
+        out[kind.strip()] = int(side)
+    return out
+
+
+def size_of(args: argparse.Namespace, kind: str) -> int:
+    if kind not in args.size and "*" not in args.size:
+        raise SystemExit(f"--size names {sorted(args.size)}, not {kind!r} (of --kinds {args.kinds})")
+    return args.size.get(kind, args.size.get("*"))
+
+
 def _setup(method: str, kind: str, args: argparse.Namespace) -> tuple[Any, Any, Any] | None:
-    ov = [f"method={method}", f"data=phantom_{kind}", f"data.size={args.size}", f"data.n_train={args.n_train}"]
-    ov += ["data.n_val=8", "data.n_test=8", f"method.pretrain.batch_size={args.batch}", "logger=none"]
+    """The method and a datamodule on ``kind`` at its size; ``None`` when the method cannot take that input.
+    ``--batch method`` keeps the method's own pre-training batch (``method.pretrain.batch_size``)."""
+    ov = [f"method={method}", f"data=phantom_{kind}", f"data.size={size_of(args, kind)}"]
+    ov += [f"data.n_train={args.n_train}", "data.n_val=8", "data.n_test=8", "logger=none"]
+    ov += [] if args.batch == "method" else [f"method.pretrain.batch_size={args.batch}"]
     ov += tiny_overrides(method) if args.tiny else []
     cfg = compose("pretrain", ov)
     if unmet_requirements(cfg.method, cfg.data) is not None:
         return None
     L.seed_everything(0, verbose=False)
     m = build_method(cfg)
-    dm = instantiate(cfg.data, batch_size=args.batch, tokenizer=tokenizer_of(m))
+    dm = instantiate(cfg.data, batch_size=int(cfg.method.pretrain.batch_size), tokenizer=tokenizer_of(m))
     return cfg, m, dm
 
 
@@ -144,6 +167,7 @@ def _to(batch: dict, device: str) -> dict:
 
 def harness(method: str, kind: str, args: argparse.Namespace) -> float:
     _, m, dm = _setup(method, kind, args)
+    batch = int(dm.batch_size)
     timer = _Timer(args.warmup)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     trainer = L.Trainer(
@@ -160,7 +184,7 @@ def harness(method: str, kind: str, args: argparse.Namespace) -> float:
         callbacks=[timer],
     )
     trainer.fit(m, datamodule=dm)
-    return args.steps * args.batch / (timer.t1 - timer.t0)
+    return args.steps * batch / (timer.t1 - timer.t0)
 
 
 def plain(method: str, kind: str, args: argparse.Namespace) -> tuple[float, float, float | None]:
@@ -199,7 +223,7 @@ def plain(method: str, kind: str, args: argparse.Namespace) -> tuple[float, floa
                     break
         _sync()
         elapsed = time.perf_counter() - t0
-    return args.steps * args.batch / elapsed, flops, busy.fraction
+    return args.steps * int(dm.batch_size) / elapsed, flops, busy.fraction
 
 
 def peak_memory_mb(device: str) -> float:
@@ -228,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="clip,unimedi,gtgm,umcl,brainmvp")
     ap.add_argument("--kinds", default="cxr,ct,mri", help="phantom corpora: cxr (2D), ct (3D), mri (3D, 4 channels)")
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=parse_sizes, default="32", help="N, or per kind: cxr=128,ct=64,mri=64")
+    ap.add_argument("--batch", default="8", help="N, or `method`: each method's own pre-training batch")
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -252,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in args.methods.split(","):
         for kind in args.kinds.split(","):
-            if _setup(method, kind, args) is None:
+            setup = _setup(method, kind, args)
+            if setup is None:
                 print(f"skip {method} on phantom_{kind}: not applicable", file=sys.stderr)
                 continue
+            batch = int(setup[2].batch_size)
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             h = harness(method, kind, args)
@@ -263,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "method": method,
                     "data": f"phantom_{kind}",
-                    "size": args.size,
-                    "batch": args.batch,
+                    "size": size_of(args, kind),
+                    "batch": batch,
                     "harness_sps": h,
                     "plain_sps": p,
                     "overhead": p / h - 1,

@@ -21,3 +21,23 @@ def test_throughput_script_writes_json_and_markdown(tmp_path: Path, workdir) -> 
     assert row["gflop_per_sample"] > 0 and 0 < row["mfu"] < 1 and row["peak_mb"] > 0
     assert data["meta"]["peak_flops"] > 0
     assert "| clip | phantom_cxr |" in (tmp_path / "throughput-cpu.md").read_text()
+
+
+def test_throughput_takes_a_size_per_kind_and_the_methods_own_batch(tmp_path: Path, workdir) -> None:
+    import argparse
+
+    import pytest
+
+    from medvlp_bench.config import compose
+
+    spec = importlib.util.spec_from_file_location("throughput", repo_root() / "benchmarks" / "throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_sizes("cxr=24, ct=16") == {"cxr": 24, "ct": 16} and mod.parse_sizes("32") == {"*": 32}
+    with pytest.raises(argparse.ArgumentTypeError, match="kind=N"):
+        mod.parse_sizes("cxr=big")
+    args = ["--tiny", "--methods", "clip", "--kinds", "cxr", "--size", "cxr=40,ct=32", "--batch", "method"]
+    assert mod.main([*args, "--steps", "1", "--warmup", "1", "--n-train", "16", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "throughput-cpu.json").read_text())["rows"]
+    own = compose("pretrain", ["method=clip", "data=phantom_cxr", *mod.tiny_overrides("clip")]).method.pretrain
+    assert row["size"] == 40 and row["batch"] == int(own.batch_size)
