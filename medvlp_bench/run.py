@@ -128,6 +128,7 @@ def pretrain(cfg: DictConfig) -> Path:
 
 
 def _pretrain(cfg: DictConfig, out: Path) -> Path:
+    t0 = time.time()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     method = build_method(cfg)
     init = checkpoint.snapshot(method.image_encoder)  # the seeded init, also on resume (loaded later by fit)
@@ -177,6 +178,10 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
             "encoder_shift": checkpoint.relative_shift(init, method.image_encoder),
             "corpus_stats": stats,
             "proxy": proxy_cb.summary(),
+            # how long this pre-training took (a resumed run: since the resume), on what; cells that reuse the
+            # checkpoint carry it, so a suite's cost is its cells' wall time plus each checkpoint's once
+            "wall_time_s": round(time.time() - t0, 2),
+            "device": device_name(cfg.trainer),
         }
         _report_shift(info["encoder_shift"], cfg, logger)
         proxy.report(info["proxy"], f"{cfg.names.method} on {cfg.names.data}, seed {cfg.seed}")
@@ -388,7 +393,8 @@ def pretraining(method: Method) -> dict[str, Any]:
     info = getattr(method, "provenance", None) or {}
     proxy_info = dict(info.get("proxy") or {})
     proxy_info.pop("curve", None)
-    out: dict[str, Any] = {k: info[k] for k in ("encoder_shift", "corpus_stats") if info.get(k) is not None}
+    keep = ("encoder_shift", "corpus_stats", "wall_time_s", "device")
+    out: dict[str, Any] = {k: info[k] for k in keep if info.get(k) is not None}
     if proxy_info:
         out["proxy"] = proxy_info
         out["learned"] = proxy_info.get("learned")

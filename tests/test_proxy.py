@@ -110,6 +110,10 @@ def test_rows_carry_learned_and_the_text_tower(workdir: Path) -> None:
     (cell,) = (workdir / "results" / "runs").glob("*clip*.json")
     stored = json.loads(cell.read_text())["pretraining"]
     assert stored["proxy"]["kind"] == "retrieval" and "curve" not in stored["proxy"] and stored["encoder_shift"] > 0
+    # the pre-training's own wall time travels with every cell that reuses it (the suite's cost, once per checkpoint)
+    ckpt_info = json.loads(ckpt_cfg.read_text())
+    assert 0 < ckpt_info["wall_time_s"] < clip_rows[0].wall_time_s  # the first cell trained it, and then evaluated
+    assert stored["wall_time_s"] == ckpt_info["wall_time_s"] and stored["device"].startswith("cpu (")
 
     scratch_rows = evaluate(resolve(["method=scratch", *common]))
     assert {r.learned for r in scratch_rows} == {None} and {r.text_encoder for r in scratch_rows} == {None}
