@@ -18,6 +18,9 @@ change there must bump the affected versions by hand. Hashes are of the parsed y
 
     python -m medvlp_bench.versions            # check: exit 1 and say what to bump
     python -m medvlp_bench.versions --update   # record; refuses a changed source whose version was not bumped
+    python -m medvlp_bench.versions --update --unchanged phantom_ct_seg,phantom_cxr_seg
+        # record the new fingerprints of the named ones without a bump: a speed-up or refactor shown to give the
+        # same results (say how in the commit); the names are explicit so nothing else is silenced with them
 """
 
 from __future__ import annotations
@@ -271,12 +274,26 @@ def problems(lock: dict[str, dict[str, Entry]], now: dict[str, dict[str, Entry]]
     return [msg for _, msg in _diff(lock, now)]
 
 
-def update(path: Path = LOCK) -> list[str]:
-    """Record the current versions and fingerprints; returns the refusals (nothing is written if any)."""
+def update(path: Path = LOCK, unchanged: frozenset[str] = frozenset()) -> list[str]:
+    """Record the current versions and fingerprints; returns the refusals (nothing is written if any).
+
+    ``unchanged``: methods or tasks whose sources changed without a behaviour change (a speed-up shown to give
+    equal results): their new fingerprints are recorded at the same version. A name that is neither a method
+    nor a task with such a change is refused, so the list cannot silence more than it names.
+    """
     from .atomic import atomic_write_text
 
     now = current()
-    refused = [msg for blocking, msg in _diff(read_lock(path), now) if blocking]
+    lock = read_lock(path)
+    refused = []
+    for name in sorted(unchanged):
+        group = next((g for g in ("methods", "tasks") if name in now[g]), None)
+        old = lock[group].get(name) if group else None
+        if old is None or old.version != now[group][name].version or old.sha256 == now[group][name].sha256:
+            refused.append(f"--unchanged {name!r}: not a method or task whose sources changed at the same version")
+        else:
+            lock[group][name] = now[group][name]
+    refused += [msg for blocking, msg in _diff(lock, now) if blocking]
     if not refused:
         payload = {g: {n: asdict(e) for n, e in entries.items()} for g, entries in now.items()}
         atomic_write_text(Path(path), json.dumps(payload, indent=1, sort_keys=True) + "\n")
@@ -287,9 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m medvlp_bench.versions", description=__doc__.splitlines()[0])
     p.add_argument("--update", action="store_true", help="record versions and fingerprints (bumped ones only)")
     p.add_argument("--lock", type=Path, default=LOCK, help=f"lock file (default {LOCK})")
+    p.add_argument(
+        "--unchanged",
+        default="",
+        help="with --update: comma-separated methods/tasks whose changed sources keep their behaviour (no bump)",
+    )
     args = p.parse_args(argv)
+    if args.unchanged and not args.update:
+        p.error("--unchanged goes with --update")
     if args.update:
-        refused = update(args.lock)
+        refused = update(args.lock, frozenset(n.strip() for n in args.unchanged.split(",") if n.strip()))
         for line in refused:
             print(f"refused: {line}", file=sys.stderr)
         print("nothing recorded" if refused else f"recorded {args.lock}")

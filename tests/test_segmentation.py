@@ -18,7 +18,7 @@ from medvlp_bench.encoders import build_image_encoder
 from medvlp_bench.methods.scratch import Scratch
 from medvlp_bench.run import make_trainer
 from medvlp_bench.task import EvalContext, state_checksum
-from medvlp_bench.tasks.segmentation import Segmentation, SegScorer, random_crop
+from medvlp_bench.tasks.segmentation import Segmentation, SegScorer, label_map, member, random_crop
 
 
 def test_pyramid_strides() -> None:
@@ -70,6 +70,18 @@ def test_scorer_perfect_constant_and_hand_values() -> None:
     assert hd[0, 0] == 0 and hd[1, 1] == 0 and not torch.isfinite(hd[0, 1])
     ignore = SegScorer(names, ignore_empty=True)(background, mask)["dice"]
     assert torch.isnan(ignore[0, 1]) and torch.isnan(ignore[1, 0])
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 9, 7), (2, 4, 6, 5, 3), (1, 1, 4, 4)])
+def test_label_map_and_member_equal_argmax_and_isin(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 3, shape, generator=g).float()  # few distinct values: many ties across classes
+    assert torch.equal(label_map(logits), logits.argmax(1, keepdim=True))  # ties go to the first class
+    logits = torch.randn(shape, generator=g)
+    assert torch.equal(label_map(logits), logits.argmax(1, keepdim=True))
+    labels = torch.randint(0, 4, (2, 1, 6, 5), generator=g)
+    for group in ([0], [3], [1, 3], [1, 2, 3]):
+        assert torch.equal(member(labels, group), torch.isin(labels, torch.tensor(group)))
 
 
 def test_scorer_regions_brats() -> None:

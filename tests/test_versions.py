@@ -133,3 +133,22 @@ def test_task_versions_are_integers(given: object, want: int) -> None:
 def test_a_bad_version_is_a_one_line_error_naming_it(bad: object) -> None:
     with pytest.raises(ValueError, match=r"task version .* is not a positive integer \(versions are 1, 2, 3"):
         _Probe(None, metrics=["acc"], primary="acc", version=bad)  # type: ignore[arg-type]
+
+
+def test_update_records_a_named_behaviour_preserving_change_without_a_bump(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock_path = tmp_path / "versions.lock.json"
+    monkeypatch.setattr(versions, "current", lambda: _only("methods", "clip"))
+    assert versions.update(lock_path) == []
+    recorded = lock_path.read_bytes()
+    _edit(monkeypatch, "clip.py", lambda s: s + "\nFASTER = True\n")
+    refused = versions.update(lock_path, frozenset({"unimedi"}))  # naming another one silences nothing
+    assert len(refused) == 2 and "--unchanged 'unimedi'" in refused[0] and "method 'clip'" in refused[1]
+    assert lock_path.read_bytes() == recorded
+    assert versions.main(["--lock", str(lock_path), "--update", "--unchanged", "clip"]) == 0
+    entry = versions.read_lock(lock_path)["methods"]["clip"]
+    assert entry.version == CLIP.version and entry == versions.method_entry("clip")
+    assert versions.main(["--lock", str(lock_path)]) == 0
+    with pytest.raises(SystemExit):  # --unchanged alone would record nothing: refused by the parser
+        versions.main(["--lock", str(lock_path), "--unchanged", "clip"])
