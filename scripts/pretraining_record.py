@@ -1,0 +1,89 @@
+"""Write the record of every pre-training a results folder's rows were made from: proxy curve, shift, time.
+
+The cache (``cache/checkpoints``) is not committed, so the proof that a method learned, or the measured reason
+it did not, would be lost with it. This joins the rows' ``ckpt_sha256`` to the checkpoints' ``config.json``
+and writes, next to the rows, one line per checkpoint (method, corpus, seed, epochs, steps, wall time,
+``encoder_shift``, the final proxy against its reference, ``learned``) and the proxy's curve over epochs
+(epoch -1 is the score before the first step):
+
+    python scripts/pretraining_record.py --results results/methods_small [--cache cache/checkpoints]
+
+Writes ``<results>/pretraining.json`` (everything, curves included) and ``<results>/pretraining.md``
+atomically. A row whose checkpoint is not in the cache is listed as missing, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from medvlp_bench.atomic import atomic_write_text
+from medvlp_bench.checkpoint import is_checkpoint, read_config
+from medvlp_bench.results import load_rows
+
+
+def records(results: Path, cache: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The checkpoints behind ``results/runs`` (by weights sha256), and the sha256s the cache does not hold."""
+    rows = load_rows(results / "runs")
+    wanted = {str(s) for s in rows.get("ckpt_sha256", []) if isinstance(s, str) and s}
+    found: dict[str, dict[str, Any]] = {}
+    for folder in sorted(p for p in cache.iterdir() if is_checkpoint(p)) if cache.is_dir() else []:
+        info = read_config(folder)
+        sha = info.get("weights_sha256")
+        if sha in wanted:
+            found[sha] = {"checkpoint": folder.name, **{k: v for k, v in info.items() if k != "model"}}
+    out = sorted(found.values(), key=lambda r: (str(r.get("method")), str(r.get("data")), int(r.get("seed", 0))))
+    return out, sorted(wanted - set(found))
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+
+
+def markdown(recs: list[dict[str, Any]], missing: list[str]) -> str:
+    lines = [
+        "| method | corpus | seed | epochs | steps | minutes | encoder shift | proxy (final) | reference | learned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        p = r.get("proxy") or {}
+        minutes = f"{r['wall_time_s'] / 60:.1f}" if r.get("wall_time_s") is not None else "not recorded"
+        shift = f"{r['encoder_shift']:.3f}" if r.get("encoder_shift") is not None else "—"
+        lines.append(
+            f"| {r.get('method')} | {r.get('data')} | {r.get('seed')} | {r.get('epochs')} | {r.get('steps')} | "
+            f"{minutes} | {shift} | {_fmt(p.get('values') or {})} | {_fmt(p.get('reference') or {})} | "
+            f"{p.get('learned', '—')} |"
+        )
+    lines += ["", "Proxy curves (epoch -1: before the first step):", ""]
+    for r in recs:
+        curve = (r.get("proxy") or {}).get("curve") or []
+        if curve:
+            keys = [k for k in curve[0] if k != "epoch"]
+            pts = "; ".join(f"{c['epoch']}: " + "/".join(f"{c[k]:.3f}" for k in keys) for c in curve)
+            lines.append(f"- {r.get('method')} on {r.get('data')}, seed {r.get('seed')} ({'/'.join(keys)}): {pts}")
+    if missing:
+        lines += ["", f"Not in the cache ({len(missing)} checkpoints the rows name): " + ", ".join(missing)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, required=True, help="a results folder with runs/")
+    ap.add_argument("--cache", type=Path, default=Path("cache/checkpoints"), help="the checkpoint cache")
+    args = ap.parse_args(argv)
+    if not (args.results / "runs").is_dir():
+        print(f"no {args.results / 'runs'}: run `medbench bench` with --results {args.results} first", file=sys.stderr)
+        return 2
+    recs, missing = records(args.results, args.cache)
+    payload = {"checkpoints": recs, "missing": missing}
+    atomic_write_text(args.results / "pretraining.json", json.dumps(payload, indent=1))
+    atomic_write_text(args.results / "pretraining.md", markdown(recs, missing))
+    print(f"wrote {args.results / 'pretraining.md'}: {len(recs)} checkpoints, {len(missing)} not in the cache")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

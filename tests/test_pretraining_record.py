@@ -1,0 +1,49 @@
+"""``scripts/pretraining_record.py``: the rows' checkpoints, joined by sha256, with proxy curves and wall time."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from helpers import repo_root
+from test_report import _row
+
+from medvlp_bench.results import write_cell
+
+
+def _script():
+    path = repo_root() / "scripts" / "pretraining_record.py"
+    spec = importlib.util.spec_from_file_location("pretraining_record", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_record_joins_rows_to_checkpoints_and_names_the_missing(tmp_path: Path) -> None:
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    for seed, sha in ((0, "aaa"), (1, "bbb")):
+        row = _row("clip", 0.1, seed, "auroc", 0.7, True)
+        row.ckpt_sha256 = sha
+        write_cell(res / "runs", f"cell{seed}", [row])
+    curve = [{"epoch": -1, "i2t_r10": 0.03}, {"epoch": 0, "i2t_r10": 0.2}]
+    proxy = {"values": {"i2t_r10": 0.2}, "reference": {"chance_r10": 0.03}, "learned": True, "curve": curve}
+    info = {"method": "clip", "data": "phantom_cxr", "seed": 0, "epochs": 1, "steps": 5, "weights_sha256": "aaa",
+            "wall_time_s": 90.0, "encoder_shift": 0.1, "model": {"big": "config"}, "proxy": proxy}  # fmt: skip
+    for name, payload in (("clip_s0", info), ("other", {**info, "weights_sha256": "zzz"})):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "config.json").write_text(json.dumps(payload))
+        (cache / name / "model.safetensors").write_bytes(b"")
+    assert _script().main(["--results", str(res), "--cache", str(cache)]) == 0
+    data = json.loads((res / "pretraining.json").read_text())
+    (rec,) = data["checkpoints"]  # only the checkpoint the rows name; the unrelated one is left out
+    assert rec["checkpoint"] == "clip_s0" and rec["proxy"]["curve"] == curve and "model" not in rec
+    assert data["missing"] == ["bbb"]
+    md = (res / "pretraining.md").read_text()
+    assert "| clip | phantom_cxr | 0 | 1 | 5 | 1.5 | 0.100 | i2t_r10 0.200 | chance_r10 0.030 | True |" in md
+    assert "-1: 0.030; 0: 0.200" in md and "Not in the cache (1 checkpoints the rows name): bbb" in md
+
+
+def test_record_without_rows_says_what_to_run(tmp_path: Path, capsys) -> None:
+    assert _script().main(["--results", str(tmp_path)]) == 2
+    assert "medbench bench" in capsys.readouterr().err
