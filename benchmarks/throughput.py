@@ -127,6 +127,13 @@ def parse_sizes(text: str) -> dict[str, int]:
     return out
 
 
+def parse_batch(text: str) -> str:
+    """``--batch``: a positive integer, or ``method`` (each method's own pre-training batch)."""
+    if text != "method" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"--batch: expected a positive integer or 'method', got {text!r}")
+    return text
+
+
 def size_of(args: argparse.Namespace, kind: str) -> int:
     if kind not in args.size and "*" not in args.size:
         raise SystemExit(f"--size names {sorted(args.size)}, not {kind!r} (of --kinds {args.kinds})")
@@ -253,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="clip,unimedi,gtgm,umcl,brainmvp")
     ap.add_argument("--kinds", default="cxr,ct,mri", help="phantom corpora: cxr (2D), ct (3D), mri (3D, 4 channels)")
     ap.add_argument("--size", type=parse_sizes, default="32", help="N, or per kind: cxr=128,ct=64,mri=64")
-    ap.add_argument("--batch", default="8", help="N, or `method`: each method's own pre-training batch")
+    ap.add_argument("--batch", type=parse_batch, default="8", help="N, or `method`: each method's own batch")
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -261,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = ap.parse_args(argv)
+    for kind in args.kinds.split(","):  # every kind has a size before anything is measured
+        size_of(args, kind)
     peak, source = device_peak(args.device)
     meta = {
         "device": args.device,
@@ -281,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skip {method} on phantom_{kind}: not applicable", file=sys.stderr)
                 continue
             batch = int(setup[2].batch_size)
+            del setup  # one model at a time: the peak-memory column is the process's peak
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             h = harness(method, kind, args)

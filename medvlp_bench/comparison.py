@@ -16,11 +16,11 @@ suite is the same wherever it is rebuilt. ``medbench report --suite <s>`` writes
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from . import results, stats
@@ -48,66 +48,87 @@ class ComparisonPlan:
         return {self.twin, *self.twins.values()}
 
     @classmethod
-    def from_config(cls, block: Any, where: str) -> ComparisonPlan:
-        """From a suite's ``comparison:`` block; unknown keys name the allowed ones."""
+    def from_config(cls, block: Any, where: str, methods: list[str] | None = None) -> ComparisonPlan:
+        """From a suite's ``comparison:`` block. Unknown keys, a twin that is not a name, ``twins`` that is not a
+        mapping, or (given the suite's ``methods``) a name the suite does not run are refused, naming them."""
         block = dict(block or {})
         allowed = {"reference", "twin", "twins"}
         unknown = sorted(set(block) - allowed)
         if unknown:
             raise ValueError(f"{where}: comparison has unknown keys {unknown}; allowed: {sorted(allowed)}")
-        twins = {str(k): str(v) for k, v in dict(block.get("twins") or {}).items()}
+        twins = block.get("twins") or {}
+        if not isinstance(twins, Mapping):
+            raise ValueError(f"{where}: comparison.twins must map a method to its twin, got {twins!r}")
+        twin = block.get("twin", "scratch")
+        if not isinstance(twin, str) or not twin:
+            raise ValueError(f"{where}: comparison.twin must be a method name, got {twin!r}")
         ref = block.get("reference", "clip")
-        return cls(reference=None if ref is None else str(ref), twin=str(block.get("twin", "scratch")), twins=twins)
+        twins = {str(k): str(v) for k, v in twins.items()}
+        plan = cls(reference=None if ref is None else str(ref), twin=twin, twins=twins)
+        if methods is not None:
+            named = {plan.twin, *plan.twins, *plan.twins.values(), *([plan.reference] if plan.reference else [])}
+            stray = sorted(named - set(methods))
+            if stray:
+                raise ValueError(f"{where}: comparison names {stray}, which the suite does not run ({methods})")
+        return plan
 
 
-def suite_plan(suite: str) -> tuple[ComparisonPlan, list[str]]:
-    """The comparison plan and the method order of ``configs/suite/<suite>.yaml``."""
+@dataclass(frozen=True)
+class SuiteScope:
+    """The methods (in the suite's order) and tasks a suite's table covers."""
+
+    methods: list[str]
+    tasks: list[str]
+
+
+def suite_plan(suite: str) -> tuple[ComparisonPlan, SuiteScope]:
+    """The comparison plan and scope of ``configs/suite/<suite>.yaml``."""
     from .config import compose
 
     cfg = compose("bench", [f"suite={suite}"]).suite
-    return ComparisonPlan.from_config(cfg.get("comparison"), f"suite {suite}"), [str(m) for m in cfg.methods]
-
-
-def _paired(res_dir: Path, a: str, b: str, r: Any, n_boot: int, level: float) -> dict[str, Any]:
-    """The pooled paired row of ``a`` minus ``b`` on ``r``'s cell, or ``{"error": why}``."""
-    try:
-        df = stats.compare(res_dir, a, b, r.task, r.protocol, float(r.label_fraction), metric=r.metric,
-                           n_boot=n_boot, level=level)  # fmt: skip
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        return {"error": f"{a} vs {b}: {e}"}
-    return df[df["seed"] == "pooled"].iloc[0].to_dict()
+    methods = [str(m) for m in cfg.methods]
+    plan = ComparisonPlan.from_config(cfg.get("comparison"), f"suite {suite}", methods)
+    return plan, SuiteScope(methods, [str(t) for t in cfg.tasks])
 
 
 def table(
-    res_dir: str | Path, plan: ComparisonPlan, order: list[str] | None = None, *, level: float = 0.95,
+    res_dir: str | Path, plan: ComparisonPlan, scope: SuiteScope | None = None, *, level: float = 0.95,
     n_boot: int = 2000,
 ) -> pd.DataFrame:  # fmt: skip
-    """One row per (task, protocol, label fraction, method) of the primary metric, in ``order`` of methods
-    (then by name), with the paired differences to the method's twin and to the reference."""
+    """One row per (task, protocol, label fraction, method, method version) of the primary metric, with the paired
+    differences to the method's twin and to the reference. With a ``scope``, only its methods (in its order)
+    and tasks; without, everything in the folder, methods by name."""
     res_dir = Path(res_dir)
     lb = results.build_leaderboard(results.load_rows(res_dir / "runs"))
     lb = lb[lb["primary"].astype(bool)]
-    rank = {m: i for i, m in enumerate(order or [])}
+    if scope is not None:
+        lb = lb[lb["method"].isin(scope.methods) & lb["task"].isin(scope.tasks)]
+    rank = {m: i for i, m in enumerate(scope.methods if scope else [])}
     out = []
     for _, g in lb.groupby(["task", "protocol", "label_fraction"], sort=True):
         present = set(g["method"])
+        versions = g.groupby("method")["method_version"].nunique()
         g = g.assign(_o=[rank.get(m, len(rank)) for m in g["method"]]).sort_values(["_o", "method"])
         for r in g.itertuples():
             rec = {c: getattr(r, c) for c in COLUMNS if hasattr(r, c)}
             notes = []
+            if versions[r.method] > 1:
+                notes.append(f"{r.method} has rows at several versions here; its differences pool their predictions")
             comparisons = []
             if r.method not in plan.baselines():
                 comparisons.append(("twin", plan.twin_of(r.method)))
-            if plan.reference and r.method != plan.reference and r.method not in plan.baselines():
-                comparisons.append(("ref", plan.reference))
+                if plan.reference and r.method != plan.reference:
+                    comparisons.append(("ref", plan.reference))
             for suffix, other in comparisons:
                 rec["twin" if suffix == "twin" else "reference"] = other
                 if other not in present:
                     notes.append(f"no {other} result here")
                     continue
-                d = _paired(res_dir, r.method, other, r, n_boot, level)
-                if "error" in d:
-                    notes.append(d["error"])
+                try:
+                    d = stats.pooled(res_dir, r.method, other, r.task, r.protocol, r.label_fraction, r.metric,
+                                     n_boot, level)  # fmt: skip
+                except stats.COMPARE_ERRORS as e:
+                    notes.append(f"{r.method} vs {other}: {e}")
                     continue
                 keys = {"diff": "diff", "ci_low": "ci_low", "ci_high": "ci_high", "p": "p_value", "seeds": "n_seeds"}
                 rec |= {f"{k}_{suffix}": d[v] for k, v in keys.items()}
@@ -117,22 +138,22 @@ def table(
 
 
 def _num(x: object, fmt: str) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _diff(r: Any, suffix: str) -> str:
+def difference_text(r: Any, suffix: str) -> str:
+    """``+0.050 [+0.010, +0.090] p=0.01``, with ``(k of n seeds)`` when the pair shares fewer seeds than the
+    method has; empty when there is no difference."""
     diff = getattr(r, f"diff_{suffix}")
     if diff is None or (isinstance(diff, float) and math.isnan(diff)):
         return ""
     p = getattr(r, f"p_{suffix}")
     lo, hi = getattr(r, f"ci_low_{suffix}"), getattr(r, f"ci_high_{suffix}")
-    return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] p={_num(p, '.2g')}"
-
-
-def _learned(flag: object) -> str:
-    if isinstance(flag, bool | np.bool_):
-        return "yes" if flag else "**no**"
-    return "—"
+    text = f"{diff:+.3f} [{_num(lo, '+.3f')}, {_num(hi, '+.3f')}] p={_num(p, '.2g')}"
+    shared = getattr(r, f"seeds_{suffix}")
+    if shared is not None and not math.isnan(float(shared)) and int(shared) < int(r.n_seeds):
+        text += f" ({int(shared)} of {int(r.n_seeds)} seeds)"
+    return text
 
 
 def markdown(df: pd.DataFrame, plan: ComparisonPlan, level: float = 0.95) -> str:
@@ -148,10 +169,11 @@ def markdown(df: pd.DataFrame, plan: ComparisonPlan, level: float = 0.95) -> str
                      "learned |\n|---|---|---|---|---|---|---|")  # fmt: skip
         for r in g.itertuples():
             std = "" if math.isnan(r.std) else f" ± {r.std:.3f}"
-            twin = f"{r.twin}: {_diff(r, 'twin')}" if _diff(r, "twin") else ""
+            twin = f"{r.twin}: {difference_text(r, 'twin')}" if difference_text(r, "twin") else ""
             parts.append(
                 f"| {r.protocol} | {r.label_fraction:g} | {results.method_label(r.method, r.method_version, None)} | "
-                f"{r.mean:.3f}{std} ({r.n_seeds}) | {twin} | {_diff(r, 'ref')} | {_learned(r.learned)} |"
+                f"{r.mean:.3f}{std} ({r.n_seeds}) | {twin} | {difference_text(r, 'ref')} | "
+                f"{results.learned_text(r.learned)} |"
             )
         notes = [f"- {r.method}, labels {r.label_fraction:g}: {r.note}" for r in g.itertuples() if r.note]
         parts.append("\n" + "\n".join(notes) + "\n" if notes else "")

@@ -114,7 +114,6 @@ def curve_figure(g: pd.DataFrame, title: str, colors: dict[str, object]) -> byte
 def bar_figure(g: pd.DataFrame, title: str, colors: dict[str, object]) -> bytes:
     """One bar per method in each (protocol, label fraction) group, the seed CI as error bars."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     groups = sorted({(p, float(f)) for p, f in zip(g["protocol"], g["label_fraction"])})
     methods = sorted(g["method"].unique())
@@ -159,13 +158,10 @@ def paired_rows(
             skipped += [f"{where}: baseline {baseline!r} has no result here"] if others else []
             continue
         for method in others:
-            cell = (results_dir, method, baseline, task, protocol, float(frac))
             try:
-                df = stats.compare(*cell, metric=metric, n_boot=n_boot, level=level)
-            except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+                done.append(stats.pooled(results_dir, method, baseline, task, protocol, frac, metric, n_boot, level))
+            except stats.COMPARE_ERRORS as e:
                 skipped.append(f"{where} / {method}: skipped (predictions missing or unusable): {e}")
-                continue
-            done.append(df[df["seed"] == "pooled"].iloc[0].to_dict())
     return done, skipped
 
 
@@ -189,7 +185,7 @@ def _fail(msg: str) -> int:
 
 
 def main_report(argv: Sequence[str]) -> int:
-    """``medbench report [--results DIR] [--out DIR] [--baseline METHOD] [--level 0.95] [--n-boot N]``."""
+    """``medbench report [--results DIR] [--out DIR] [--baseline METHOD] [--level 0.95] [--n-boot N] [--suite S]``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="medbench report", description="self-contained HTML report of the results")
@@ -221,11 +217,11 @@ def main_report(argv: Sequence[str]) -> int:
     comparison_files: dict[str, bytes] = {}
     if args.suite:
         try:
-            plan, order = comparison.suite_plan(args.suite)
+            plan, scope = comparison.suite_plan(args.suite)
         except ValueError as e:  # ConfigError too: an unknown suite names the valid ones
             return _fail(str(e))
-        df = comparison.table(res_dir, plan, order, level=args.level, n_boot=args.n_boot)
-        extra = _comparison_section(df, plan, args.suite)
+        df = comparison.table(res_dir, plan, scope, level=args.level, n_boot=args.n_boot)
+        extra = _comparison_section(df, plan, args.suite, args.level)
         comparison_files = {
             "comparison.md": comparison.markdown(df, plan, args.level).encode("utf-8"),
             "comparison.csv": df.to_csv(index=False).encode("utf-8"),
@@ -235,15 +231,8 @@ def main_report(argv: Sequence[str]) -> int:
     out = Path(args.out) if args.out else res_dir / "report"
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
-    print(f"wrote {out / 'index.html'} ({len(files) - 2} figures)")
+    print(f"wrote {out / 'index.html'} ({sum(name.endswith('.png') for name in files)} figures)")
     return 0
-
-
-def _learned(flag: object) -> str:
-    """The ``learned`` column: the pre-training proxy beat chance on every seed, failed on one, or n/a."""
-    if flag is True or flag is False or isinstance(flag, np.bool_):
-        return "yes" if bool(flag) else "NO"
-    return "—"
 
 
 def _leaderboard_table(title: str, g: pd.DataFrame) -> str:
@@ -253,7 +242,7 @@ def _leaderboard_table(title: str, g: pd.DataFrame) -> str:
          ("num", _e(f"{r.label_fraction:g}")),
          ("num", _num(r.mean) + ("" if math.isnan(r.std) else " ± " + _num(r.std))),
          ("num", "—" if math.isnan(r.ci95_low) else f"[{_num(r.ci95_low)}, {_num(r.ci95_high)}]"),
-         ("num", _e(r.n_seeds)), ("", _e(r.impl_source)), ("", _learned(r.learned))]
+         ("num", _e(r.n_seeds)), ("", _e(r.impl_source)), ("", results.learned_text(r.learned))]
         for r in g.itertuples()
     ]  # fmt: skip
     header = ["method", "protocol", "label fraction", "mean ± std", "95% CI", "n seeds", "implementation", "learned"]
@@ -279,31 +268,32 @@ def _paired_section(done: list[dict], skipped: list[str], baseline: str, level: 
     return intro + table + "".join(f'<p class="note">{_e(why)}</p>' for why in skipped)
 
 
-def _comparison_section(df: pd.DataFrame, plan: comparison.ComparisonPlan, suite: str) -> str:
+def _comparison_section(df: pd.DataFrame, plan: comparison.ComparisonPlan, suite: str, level: float) -> str:
     """The suite's comparison table (``comparison.table``): one HTML table per task."""
 
     def diff(r: object, suffix: str) -> tuple[str, str]:
-        d = getattr(r, f"diff_{suffix}")
-        if d is None or math.isnan(d):
-            return ("", "")
-        lo, hi, p = (getattr(r, f"{k}_{suffix}") for k in ("ci_low", "ci_high", "p"))
-        return ("num", f"{_num(d, '+.3f')} [{_num(lo, '+.3f')}, {_num(hi, '+.3f')}] p={_num(p, '.2g')}")
+        text = comparison.difference_text(r, suffix)
+        return ("num", _e(text)) if text else ("", "")
 
+    pct = f"{level * 100:g}%"
     ref = plan.reference or "reference"
-    header = ["protocol", "labels", "method", "mean ± std", "seeds", "own-encoder scratch", "Δ vs it [95% CI]",
-              f"Δ vs {ref} [95% CI]", "learned", "note"]  # fmt: skip
+    header = ["protocol", "labels", "method", "mean ± std", "seeds", "own-encoder scratch", f"Δ vs it [{pct} CI]",
+              f"Δ vs {ref} [{pct} CI]", "learned", "note"]  # fmt: skip
     out = [f'<h2 id="comparison">0. Which method helps (suite {_e(suite)})</h2>'
            "<p>Each method minus its own untrained encoder and minus the reference, on the same test samples, "
-           "pooled over the seeds both have (DeLong for AUROC, paired bootstrap otherwise).</p>"]  # fmt: skip
-    for (task, metric), g in df.groupby(["task", "metric"], sort=True):
+           "pooled over the seeds both have (DeLong for AUROC, paired bootstrap otherwise; p-values uncorrected). "
+           "The seed count is shown beside a difference that pools fewer seeds than the method has.</p>"]  # fmt: skip
+    for (task, metric, higher), g in df.groupby(["task", "metric", "higher_is_better"], sort=True):
         body = [
-            [("", _e(r.protocol)), ("num", _e(f"{r.label_fraction:g}")), ("", _e(r.method)),
+            [("", _e(r.protocol)), ("num", _e(f"{r.label_fraction:g}")),
+             ("", _e(results.method_label(r.method, r.method_version, None))),
              ("num", _num(r.mean) + ("" if math.isnan(r.std) else " ± " + _num(r.std))), ("num", _e(r.n_seeds)),
              ("", _e(r.twin if isinstance(r.twin, str) else "")), diff(r, "twin"), diff(r, "ref"),
-             ("", _learned(r.learned)), ("", _e(r.note))]
+             ("", results.learned_text(r.learned)), ("", _e(r.note))]
             for r in g.itertuples()
         ]  # fmt: skip
-        out.append(f"<h3>{_e(task)} · {_e(metric)}</h3>" + _table(header, body))
+        better = "higher" if bool(higher) else "lower"
+        out.append(f"<h3>{_e(task)} · {_e(metric)} <small>({better} is better)</small></h3>" + _table(header, body))
     return "".join(out)
 
 

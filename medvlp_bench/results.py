@@ -202,6 +202,14 @@ def _all_learned(flags: pd.Series) -> bool | None:
     return all(known)
 
 
+def learned_text(flag: object) -> str:
+    """How tables show ``learned``: ``yes`` (every seed's pre-training beat its proxy's chance level), ``NO``
+    (some seed's did not), ``—`` (nothing pre-trained, or not recorded)."""
+    if isinstance(flag, bool | np.bool_):
+        return "yes" if flag else "NO"
+    return "—"
+
+
 def leaderboard_markdown(lb: pd.DataFrame, primary_only: bool = True) -> str:
     """Compact markdown table: one line per (task, protocol, fraction, method) with mean ± std and CI.
 

@@ -178,8 +178,8 @@ def _pretrain(cfg: DictConfig, out: Path) -> Path:
             "encoder_shift": checkpoint.relative_shift(init, method.image_encoder),
             "corpus_stats": stats,
             "proxy": proxy_cb.summary(),
-            # how long this pre-training took (a resumed run: since the resume), on what; cells that reuse the
-            # checkpoint carry it, so a suite's cost is its cells' wall time plus each checkpoint's once
+            # how long this pre-training took (a resumed run: since the resume), on what. Cells made from the
+            # checkpoint carry it; the cell that trained it also counts it in its own wall_time_s
             "wall_time_s": round(time.time() - t0, 2),
             "device": device_name(cfg.trainer),
         }

@@ -21,6 +21,7 @@ what the leaderboard interval shows), and it is clipped to the range a differenc
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -273,6 +274,34 @@ def compare(
     ]
     rows.append({**common, "seed": "pooled", "n_seeds": len(seeds), **_test(a, b, metric, test, n_boot, seed, level)})
     return pd.DataFrame(rows)
+
+
+#: what ``compare`` raises for predictions that are missing or cannot be paired
+COMPARE_ERRORS = (ValueError, FileNotFoundError, KeyError, OSError)
+
+
+def pooled(
+    results_dir: str | Path, method_a: str, method_b: str, task: str, protocol: str, label_fraction: float,
+    metric: str, n_boot: int = 2000, level: float = 0.95,
+) -> dict:  # fmt: skip
+    """``compare``'s pooled row (A minus B over the seeds both have) as a dict; raises ``COMPARE_ERRORS``.
+    Memoised per process and prediction files, so the report's paired section and the suite comparison
+    table do not bootstrap the same pair twice."""
+    pred_dir = Path(results_dir) / "predictions"
+    stamp = tuple(
+        sorted((p.name, p.stat().st_mtime_ns) for m in (method_a, method_b) for p in pred_dir.glob(f"{task}__{m}__*"))
+    )
+    key = (str(Path(results_dir).resolve()), method_a, method_b, task, protocol, float(label_fraction), metric)
+    return dict(_pooled(*key, n_boot, level, stamp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pooled(
+    results_dir: str, a: str, b: str, task: str, protocol: str, frac: float, metric: str, n_boot: int, level: float,
+    _stamp: tuple,
+) -> dict:  # fmt: skip
+    df = compare(results_dir, a, b, task, protocol, frac, metric=metric, n_boot=n_boot, level=level)
+    return df[df["seed"] == "pooled"].iloc[0].to_dict()
 
 
 def main_compare(argv: Sequence[str]) -> int:

@@ -274,12 +274,32 @@ def problems(lock: dict[str, dict[str, Entry]], now: dict[str, dict[str, Entry]]
     return [msg for _, msg in _diff(lock, now)]
 
 
+def _changed_sources(old: Entry, cur: Entry) -> list[str]:
+    return sorted(k for k in {*cur.sources, *old.sources} if cur.sources.get(k) != old.sources.get(k))
+
+
+def _unchanged_refusal(old: Entry | None, cur: Entry | None, changed: list[str]) -> str | None:
+    """Why ``--unchanged`` cannot record this entry, or None when it can."""
+    if old is None or cur is None:
+        return "not a method or task in the versions lock"
+    if old.version != cur.version:
+        return f"its version moved ({old.version} -> {cur.version}): record it with a plain --update"
+    if not changed:
+        return "its sources did not change"
+    configs = [c for c in changed if c.startswith("configs/")]
+    if configs:
+        return f"its config sources changed ({', '.join(configs)}), which changes behaviour: bump its version"
+    return None
+
+
 def update(path: Path = LOCK, unchanged: frozenset[str] = frozenset()) -> list[str]:
     """Record the current versions and fingerprints; returns the refusals (nothing is written if any).
 
-    ``unchanged``: methods or tasks whose sources changed without a behaviour change (a speed-up shown to give
-    equal results): their new fingerprints are recorded at the same version. A name that is neither a method
-    nor a task with such a change is refused, so the list cannot silence more than it names.
+    ``unchanged``: methods or tasks whose source *modules* changed without a behaviour change (a speed-up shown
+    to give equal results): their new fingerprints are recorded at the same version, and each one's changed
+    sources are printed. A name that is not a method or task, whose sources did not change, whose version
+    moved, or whose yaml configs changed (a config edit is a behaviour change) is refused with that reason, so
+    the list cannot silence more than the code it names.
     """
     from .atomic import atomic_write_text
 
@@ -287,12 +307,15 @@ def update(path: Path = LOCK, unchanged: frozenset[str] = frozenset()) -> list[s
     lock = read_lock(path)
     refused = []
     for name in sorted(unchanged):
-        group = next((g for g in ("methods", "tasks") if name in now[g]), None)
-        old = lock[group].get(name) if group else None
-        if old is None or old.version != now[group][name].version or old.sha256 == now[group][name].sha256:
-            refused.append(f"--unchanged {name!r}: not a method or task whose sources changed at the same version")
+        group = next((g for g in ("methods", "tasks") if name in now[g]), "")
+        old, cur = lock[group].get(name) if group else None, now[group][name] if group else None
+        changed = _changed_sources(old, cur) if old and cur else []
+        why = _unchanged_refusal(old, cur, changed)
+        if why:
+            refused.append(f"--unchanged {name!r}: {why}")
         else:
-            lock[group][name] = now[group][name]
+            print(f"recording {group[:-1]} {name!r} at version {cur.version}; changed sources: {', '.join(changed)}")
+            lock[group][name] = cur
     refused += [msg for blocking, msg in _diff(lock, now) if blocking]
     if not refused:
         payload = {g: {n: asdict(e) for n, e in entries.items()} for g, entries in now.items()}

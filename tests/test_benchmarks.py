@@ -36,6 +36,10 @@ def test_throughput_takes_a_size_per_kind_and_the_methods_own_batch(tmp_path: Pa
     assert mod.parse_sizes("cxr=24, ct=16") == {"cxr": 24, "ct": 16} and mod.parse_sizes("32") == {"*": 32}
     with pytest.raises(argparse.ArgumentTypeError, match="kind=N"):
         mod.parse_sizes("cxr=big")
+    with pytest.raises(argparse.ArgumentTypeError, match="--batch: expected a positive integer or 'method'"):
+        mod.parse_batch("foo")
+    with pytest.raises(SystemExit, match="--size names \\['cxr'\\], not 'ct'"):  # before any measurement
+        mod.main(["--methods", "clip", "--kinds", "cxr,ct", "--size", "cxr=40", "--out", str(tmp_path)])
     args = ["--tiny", "--methods", "clip", "--kinds", "cxr", "--size", "cxr=40,ct=32", "--batch", "method"]
     assert mod.main([*args, "--steps", "1", "--warmup", "1", "--n-train", "16", "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "throughput-cpu.json").read_text())["rows"]

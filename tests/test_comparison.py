@@ -14,7 +14,7 @@ import pytest
 from test_report import FRACTIONS, TASK, write_results
 
 from medvlp_bench import comparison, stats
-from medvlp_bench.comparison import ComparisonPlan
+from medvlp_bench.comparison import ComparisonPlan, SuiteScope
 from medvlp_bench.report import main_report
 
 # noise of each method's scores: lower separates better (good > reference > twin floor)
@@ -28,7 +28,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_each_method_is_compared_with_its_own_twin_and_the_reference(folder: Path) -> None:
-    df = comparison.table(folder, PLAN, ["scratch", "scratch_big", "clip", "good"], n_boot=200)
+    scope = SuiteScope(["scratch", "scratch_big", "clip", "good"], [TASK])
+    df = comparison.table(folder, PLAN, scope, n_boot=200)
     assert len(df) == len(NOISE) * len(FRACTIONS)
     for frac in FRACTIONS:
         g = df[df["label_fraction"] == frac].set_index("method")
@@ -57,18 +58,58 @@ def test_a_missing_baseline_is_named_not_hidden(tmp_path: Path) -> None:
     assert "no scratch_big result here" in md
 
 
-def test_plan_from_a_suite_block_refuses_unknown_keys() -> None:
+def test_plan_from_a_suite_block_refuses_bad_keys_and_names() -> None:
     plan = ComparisonPlan.from_config({"reference": None, "twins": {"gtgm": "scratch_swin"}}, "suite x")
     assert plan.reference is None and plan.twin_of("gtgm") == "scratch_swin" and plan.twin_of("clip") == "scratch"
-    with pytest.raises(ValueError, match=r"suite x: comparison has unknown keys \['twn'\]; allowed"):
-        ComparisonPlan.from_config({"twn": "scratch"}, "suite x")
+    bad = [
+        ({"twn": "scratch"}, r"suite x: comparison has unknown keys \['twn'\]; allowed"),
+        ({"twins": ["scratch_swin"]}, r"suite x: comparison.twins must map a method to its twin"),
+        ({"twin": None}, r"suite x: comparison.twin must be a method name, got None"),
+        ({"twins": {"gtgm": "scratch_swn"}}, r"suite x: comparison names \['scratch_swn'\], which the suite does not"),
+    ]
+    for block, message in bad:
+        with pytest.raises(ValueError, match=message):
+            ComparisonPlan.from_config(block, "suite x", ["scratch", "scratch_swin", "clip", "gtgm"])
 
 
-def test_shipped_suites_name_methods_they_run() -> None:
-    for suite in ("methods_small", "methods_cpu"):
-        plan, methods = comparison.suite_plan(suite)
-        assert plan.reference in methods and plan.baselines() <= set(methods), suite
-        assert set(plan.twins) <= set(methods), suite
+def test_a_difference_over_fewer_seeds_says_so_and_mixed_versions_are_named(tmp_path: Path) -> None:
+    write_results(tmp_path, {"good": 0.4, "clip": 0.8})
+    write_results(tmp_path, {"scratch_big": 2.0}, seeds=(0,))
+    df = comparison.table(tmp_path, PLAN, None, n_boot=100)
+    row = df[(df["method"] == "good")].iloc[0]
+    assert row["seeds_twin"] == 1 and row["seeds_ref"] == 3
+    assert "(1 of 3 seeds)" in comparison.difference_text(row_tuple(row), "twin")
+    assert "seeds)" not in comparison.difference_text(row_tuple(row), "ref")
+    runs = sorted((tmp_path / "runs").glob(f"{TASK}__good__*__s2.json"))
+    for path in runs:  # seed 2 re-run at version 2 mid-suite: two leaderboard lines, one set of prediction files
+        path.write_text(path.read_text().replace('"method_version": 1', '"method_version": 2'))
+    df = comparison.table(tmp_path, PLAN, None, n_boot=100)
+    good = df[df["method"] == "good"]
+    assert len(good) == 2 * len(FRACTIONS) and all("several versions" in n for n in good["note"])
+
+
+def row_tuple(row: pd.Series):
+    return next(pd.DataFrame([row]).itertuples())
+
+
+@pytest.mark.parametrize("suite", ["methods_small", "methods_cpu"])
+def test_each_twin_is_its_methods_encoder_untrained(suite: str) -> None:
+    """The table's premise: at the suite's settings a method and its twin build the same image encoder."""
+    from medvlp_bench.config import compose, tiny_overrides
+
+    plan, scope = comparison.suite_plan(suite)
+    tiny = bool(compose("bench", [f"suite={suite}"]).suite.get("tiny"))
+    for method in scope.methods:
+        if method in plan.baselines():
+            continue
+        twin = plan.twin_of(method)
+        encoders = []
+        for m in (method, twin):
+            ov = [f"method={m}", "task=phantom_mri_cls" if method == "brainmvp" else "task=phantom_ct_cls"]
+            cfg = compose("run", ov + (list(tiny_overrides(m)) if tiny else []))
+            enc = dict(cfg.method.model.image_encoder)
+            encoders.append({k: v for k, v in enc.items() if k not in ("spatial_dims", "in_channels")})
+        assert encoders[0] == encoders[1], f"{suite}: {method} and its twin {twin} differ: {encoders}"
 
 
 def test_report_writes_the_suite_table(folder: Path, tmp_path: Path) -> None:
@@ -76,8 +117,10 @@ def test_report_writes_the_suite_table(folder: Path, tmp_path: Path) -> None:
     assert main_report(["--results", str(folder), "--suite", "methods_cpu", "--out", str(out), "--n-boot", "100"]) == 0
     md = (out / "comparison.md").read_text()
     csv = pd.read_csv(out / "comparison.csv")
-    assert set(csv["method"]) == set(NOISE) and f"### {TASK} (auroc, higher is better)" in md
-    assert 'id="comparison"' in (out / "index.html").read_text()
+    assert set(csv["method"]) == {"clip", "scratch"}  # the suite's methods only: good, scratch_big are not in it
+    assert f"### {TASK} (auroc, higher is better)" in md and "| linear | 0.1 | clip | " in md
+    page = (out / "index.html").read_text()
+    assert 'id="comparison"' in page and "higher is better" in page and "Δ vs clip [95% CI]" in page
 
 
 def test_report_names_an_unknown_suite(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

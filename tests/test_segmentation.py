@@ -79,6 +79,9 @@ def test_label_map_and_member_equal_argmax_and_isin(shape: tuple[int, ...]) -> N
     assert torch.equal(label_map(logits), logits.argmax(1, keepdim=True))  # ties go to the first class
     logits = torch.randn(shape, generator=g)
     assert torch.equal(label_map(logits), logits.argmax(1, keepdim=True))
+    nan = torch.randn(shape, generator=g)
+    nan[nan > 1.0] = float("nan")  # a diverged model: argmax ranks NaN first, and so does label_map
+    assert torch.equal(label_map(nan), nan.argmax(1, keepdim=True))
     labels = torch.randint(0, 4, (2, 1, 6, 5), generator=g)
     for group in ([0], [3], [1, 3], [1, 2, 3]):
         assert torch.equal(member(labels, group), torch.isin(labels, torch.tensor(group)))
@@ -91,6 +94,8 @@ def test_scorer_regions_brats() -> None:
     assert chans.tolist() == [[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]]
     with pytest.raises(ValueError, match="outside 0..3"):
         SegScorer(["bg", "ncr", "ed", "et"], regions={"WT": [1, 4]})
+    with pytest.raises(ValueError, match=r"regions \['TC'\] list no labels"):
+        SegScorer(["bg", "ncr", "ed", "et"], regions={"WT": [1, 2, 3], "TC": []})
 
 
 def test_summary_matches_monai_aggregate() -> None:

@@ -144,7 +144,8 @@ def test_update_records_a_named_behaviour_preserving_change_without_a_bump(
     recorded = lock_path.read_bytes()
     _edit(monkeypatch, "clip.py", lambda s: s + "\nFASTER = True\n")
     refused = versions.update(lock_path, frozenset({"unimedi"}))  # naming another one silences nothing
-    assert len(refused) == 2 and "--unchanged 'unimedi'" in refused[0] and "method 'clip'" in refused[1]
+    assert len(refused) == 2 and "--unchanged 'unimedi': not a method or task" in refused[0]
+    assert "method 'clip'" in refused[1]
     assert lock_path.read_bytes() == recorded
     assert versions.main(["--lock", str(lock_path), "--update", "--unchanged", "clip"]) == 0
     entry = versions.read_lock(lock_path)["methods"]["clip"]
@@ -152,3 +153,8 @@ def test_update_records_a_named_behaviour_preserving_change_without_a_bump(
     assert versions.main(["--lock", str(lock_path)]) == 0
     with pytest.raises(SystemExit):  # --unchanged alone would record nothing: refused by the parser
         versions.main(["--lock", str(lock_path), "--unchanged", "clip"])
+    (refusal,) = versions.update(lock_path, frozenset({"clip"}))
+    assert refusal == "--unchanged 'clip': its sources did not change"
+    _edit(monkeypatch, "clip.yaml", lambda s: s.replace("temperature:", "temperature_init:", 1))  # a config edit
+    (refusal, _) = versions.update(lock_path, frozenset({"clip"}))
+    assert "--unchanged 'clip': its config sources changed (configs/method/clip.yaml)" in refusal
