@@ -145,8 +145,8 @@ def _setup(method: str, kind: str, args: argparse.Namespace) -> tuple[Any, Any, 
     ``--batch method`` keeps the method's own pre-training batch (``method.pretrain.batch_size``)."""
     ov = [f"method={method}", f"data=phantom_{kind}", f"data.size={size_of(args, kind)}"]
     ov += [f"data.n_train={args.n_train}", "data.n_val=8", "data.n_test=8", "logger=none"]
-    ov += [] if args.batch == "method" else [f"method.pretrain.batch_size={args.batch}"]
     ov += tiny_overrides(method) if args.tiny else []
+    ov += [] if args.batch == "method" else [f"method.pretrain.batch_size={args.batch}"]  # after tiny: it wins
     cfg = compose("pretrain", ov)
     if unmet_requirements(cfg.method, cfg.data) is not None:
         return None
