@@ -93,13 +93,14 @@ def suite_plan(suite: str) -> tuple[ComparisonPlan, SuiteScope]:
 
 def table(
     res_dir: str | Path, plan: ComparisonPlan, scope: SuiteScope | None = None, *, level: float = 0.95,
-    n_boot: int = 2000,
+    n_boot: int = 2000, rows: pd.DataFrame | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """One row per (task, protocol, label fraction, method, method version) of the primary metric, with the paired
     differences to the method's twin and to the reference. With a ``scope``, only its methods (in its order)
-    and tasks; without, everything in the folder, methods by name."""
+    and tasks; without, everything in the folder, methods by name. ``rows``: the folder's rows when the caller
+    has read them already (``medbench report``), so they are not read twice."""
     res_dir = Path(res_dir)
-    lb = results.build_leaderboard(results.load_rows(res_dir / "runs"))
+    lb = results.build_leaderboard(results.load_rows(res_dir / "runs") if rows is None else rows)
     lb = lb[lb["primary"].astype(bool)]
     if scope is not None:
         lb = lb[lb["method"].isin(scope.methods) & lb["task"].isin(scope.tasks)]

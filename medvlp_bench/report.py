@@ -220,7 +220,7 @@ def main_report(argv: Sequence[str]) -> int:
             plan, scope = comparison.suite_plan(args.suite)
         except ValueError as e:  # ConfigError too: an unknown suite names the valid ones
             return _fail(str(e))
-        df = comparison.table(res_dir, plan, scope, level=args.level, n_boot=args.n_boot)
+        df = comparison.table(res_dir, plan, scope, level=args.level, n_boot=args.n_boot, rows=rows)
         extra = _comparison_section(df, plan, args.suite, args.level)
         comparison_files = {
             "comparison.md": comparison.markdown(df, plan, args.level).encode("utf-8"),
