@@ -41,10 +41,18 @@ def test_method_overrides_reach_only_their_method() -> None:
     compose("run", gtgm)  # every override in a cell is a valid key
 
 
-def test_method_overrides_for_a_method_not_in_the_suite_is_an_error() -> None:
-    cfg = _suite(method_overrides={"umcl": ["method.model.lr=1e-3"]})
-    with pytest.raises(ValueError, match=r"umcl.*not in suite.methods"):
+def test_method_overrides_naming_no_method_is_an_error() -> None:
+    cfg = _suite(method_overrides={"gtmg": ["method.model.lr=1e-3"]})  # a typo
+    with pytest.raises(ValueError, match=r"gtmg.*not a method; allowed: .*'gtgm'"):
         cells(cfg, [])
+
+
+def test_narrowing_suite_methods_leaves_other_methods_overrides_unused() -> None:
+    """`suite.methods=[scratch_swin]` on a suite with gtgm's overrides runs scratch_swin's cells, untouched."""
+    cfg = _suite(methods=["scratch_swin"])  # hippocampus_cpu keeps method_overrides: {gtgm: [...]}
+    grid = cells(cfg, [])
+    assert len(grid) == 3 and all("method=scratch_swin" in ov for ov in grid)
+    assert not any("method.model.lr=1.0e-3" in ov for ov in grid)
 
 
 def test_a_cell_stored_at_other_versions_is_rerun_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
