@@ -9,7 +9,8 @@ and writes, next to the rows, one line per checkpoint (method, corpus, seed, epo
     python scripts/pretraining_record.py --results results/methods_small [--cache cache/checkpoints]
 
 Writes ``<results>/pretraining.json`` (everything, curves included) and ``<results>/pretraining.md``
-atomically. A row whose checkpoint is not in the cache is listed as missing, not dropped.
+atomically. A checkpoint no longer in the cache keeps its record from the previous ``pretraining.json``; a row
+whose checkpoint is in neither is listed as missing, not dropped.
 """
 
 from __future__ import annotations
@@ -35,8 +36,24 @@ def records(results: Path, cache: Path) -> tuple[list[dict[str, Any]], list[str]
         sha = info.get("weights_sha256")
         if sha in wanted:
             found[sha] = {"checkpoint": folder.name, **{k: v for k, v in info.items() if k != "model"}}
+    for rec in _recorded(results):  # written earlier from a cache this machine no longer has
+        sha = rec.get("weights_sha256")
+        if sha in wanted and sha not in found:
+            found[sha] = rec
     out = sorted(found.values(), key=lambda r: (str(r.get("method")), str(r.get("data")), int(r.get("seed", 0))))
     return out, sorted(wanted - set(found))
+
+
+def _recorded(results: Path) -> list[dict[str, Any]]:
+    """The records of the last ``pretraining.json``: the cache is not committed, so a fresh checkout or a
+    cleaned cache must not erase what an earlier run proved (the proxy curve of a checkpoint still in the rows)."""
+    path = results / "pretraining.json"
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text()).get("checkpoints") or [])
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise SystemExit(f"{path} is not a pretraining record ({err}); move it away to rebuild it") from err
 
 
 def _fmt(values: dict[str, float]) -> str:

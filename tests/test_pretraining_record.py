@@ -44,6 +44,21 @@ def test_record_joins_rows_to_checkpoints_and_names_the_missing(tmp_path: Path) 
     assert "-1: 0.030; 0: 0.200" in md and "Not in the cache (1 checkpoints the rows name): bbb" in md
 
 
+def test_a_record_survives_its_checkpoint_leaving_the_cache(tmp_path: Path) -> None:
+    """The cache is not committed: a rerun on a fresh checkout keeps the committed record of what the rows name."""
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    row = _row("clip", 0.1, 0, "auroc", 0.7, True)
+    row.ckpt_sha256 = "aaa"
+    write_cell(res / "runs", "cell0", [row])
+    old = {"checkpoint": "clip_s0", "method": "clip", "data": "phantom_cxr", "seed": 0, "weights_sha256": "aaa",
+           "proxy": {"values": {"i2t_r10": 0.2}, "learned": True}}  # fmt: skip
+    gone = {**old, "checkpoint": "clip_s9", "weights_sha256": "old"}  # its rows were replaced: not kept
+    (res / "pretraining.json").write_text(json.dumps({"checkpoints": [old, gone], "missing": []}))
+    assert _script().main(["--results", str(res), "--cache", str(cache)]) == 0  # no cache at all
+    data = json.loads((res / "pretraining.json").read_text())
+    assert data == {"checkpoints": [old], "missing": []}
+
+
 def test_record_without_rows_says_what_to_run(tmp_path: Path, capsys) -> None:
     assert _script().main(["--results", str(tmp_path)]) == 2
     assert "medbench bench" in capsys.readouterr().err
