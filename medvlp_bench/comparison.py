@@ -157,6 +157,37 @@ def difference_text(r: Any, suffix: str) -> str:
     return text
 
 
+def summary_markdown(df: pd.DataFrame, plan: ComparisonPlan) -> str:
+    """The README's form: one table over all tasks, only the methods that pre-train (the twins' scores sit in
+    the difference column, ``scratch 0.489; +0.226 [...]``), with a protocol column only when a task has more
+    than one. Regenerated with the report, so the README table is copied from a file, not typed."""
+    floors = plan.baselines()
+    rows = df[~df["method"].isin(floors)]
+    if rows.empty:
+        return "_no pre-trained method's results yet_\n"
+    ref = plan.reference or "reference"
+    twin_mean = {
+        (r.task, r.protocol, r.label_fraction, r.method): r.mean for r in df[df["method"].isin(floors)].itertuples()
+    }
+    several = df.groupby("task")["protocol"].nunique().gt(1).any()
+    head = "| task (metric) |" + (" protocol |" if several else "") + " labels | method | mean ± std (seeds) | "
+    out = [head + f"Δ vs own-encoder scratch | Δ vs {ref} | learned |", "|---" * (7 + several) + "|"]
+    for r in rows.itertuples():
+        std = "" if math.isnan(r.std) else f" ± {r.std:.3f}"
+        labels = "—" if r.protocol == "zeroshot" else f"{r.label_fraction:.0%}"  # retrieval, zero-shot: no labels
+        twin = difference_text(r, "twin")
+        base = twin_mean.get((r.task, r.protocol, r.label_fraction, r.twin))
+        if twin and base is not None:
+            twin = f"`{r.twin}` {base:.3f}; {twin}"
+        learned = results.learned_text(r.learned)
+        out.append(
+            f"| {r.task} ({r.metric}) |" + (f" {r.protocol} |" if several else "") + f" {labels} | {r.method} | "
+            f"{r.mean:.3f}{std} ({r.n_seeds}) | {twin} | {difference_text(r, 'ref')} | "
+            + (f"**{learned}** |" if learned == "NO" else f"{learned} |")
+        )
+    return "\n".join(out) + "\n"
+
+
 def markdown(df: pd.DataFrame, plan: ComparisonPlan, level: float = 0.95) -> str:
     """One markdown table per task: labels, method, mean ± std (seeds), the two differences, learned."""
     if df.empty:

@@ -198,7 +198,8 @@ def main_report(argv: Sequence[str]) -> int:
         "--suite",
         default=None,
         help="also the suite's comparison table (each method against its own-encoder scratch and the reference, "
-        "from the suite's `comparison:` block), into the page and as comparison.md/.csv",
+        "from the suite's `comparison:` block), into the page and as comparison.md/.csv "
+        "(and comparison_summary.md: one table of the pre-trained methods, the form the README quotes)",
     )
     args = ap.parse_args(list(argv))
     if not 0 < args.level < 1:
@@ -224,6 +225,7 @@ def main_report(argv: Sequence[str]) -> int:
         extra = _comparison_section(df, plan, args.suite, args.level)
         comparison_files = {
             "comparison.md": comparison.markdown(df, plan, args.level).encode("utf-8"),
+            "comparison_summary.md": comparison.summary_markdown(df, plan).encode("utf-8"),
             "comparison.csv": df.to_csv(index=False).encode("utf-8"),
         }
     files = render(rows, res_dir, args.baseline, args.level, args.n_boot, extra)  # everything in memory first

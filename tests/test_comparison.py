@@ -119,6 +119,13 @@ def test_report_writes_the_suite_table(folder: Path, tmp_path: Path) -> None:
     csv = pd.read_csv(out / "comparison.csv")
     assert set(csv["method"]) == {"clip", "scratch"}  # the suite's methods only: good, scratch_big are not in it
     assert f"### {TASK} (auroc, higher is better)" in md and "| linear | 0.1 | clip | " in md
+    summary = (out / "comparison_summary.md").read_text().splitlines()
+    clip = [line for line in summary if "| clip |" in line]
+    assert summary[0].startswith("| task (metric) | labels | method |") and len(clip) == len(FRACTIONS)
+    assert not any("| scratch |" in line for line in summary)  # the floor is quoted in clip's row, not a row
+    lb = csv.set_index(["method", "label_fraction"])
+    twin_mean, diff = lb.loc[("scratch", 0.1), "mean"], lb.loc[("clip", 0.1), "diff_twin"]
+    assert any("| 10% | clip |" in line and f"`scratch` {twin_mean:.3f}; {diff:+.3f} [" in line for line in clip)
     page = (out / "index.html").read_text()
     assert 'id="comparison"' in page and "higher is better" in page and "Δ vs clip [95% CI]" in page
 
