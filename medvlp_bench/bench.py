@@ -11,6 +11,7 @@ pre-training.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 from . import results
 from .cell import STATUSES, Cell, resolve
 from .config import compose, configs_stamp, options, quoted, task_kind, tiny_overrides
+from .coverage import exclusions, why_excluded
 from .run import evaluate
 
 log = logging.getLogger("medvlp_bench")
@@ -39,6 +41,8 @@ class BenchReport:
     stale: list[str] = field(default_factory=list)
     #: cells the method cannot do (a task without text for a vision-only method, 2D data for a 3D method)
     inapplicable: list[str] = field(default_factory=list)
+    #: cells the suite leaves out on purpose (its ``exclude:`` block), with the reason
+    excluded: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     leaderboard: pd.DataFrame | None = None
     seconds: float = 0.0
@@ -92,15 +96,17 @@ LABEL_FREE = ("retrieval", "zeroshot")
 
 def plan(cfg: DictConfig, passthrough: list[str]) -> list[Cell]:
     """Resolve every cell up front, so a bad name or key fails before any work; drop duplicates. Every cell
-    writes to the bench's results folder."""
+    writes to the bench's results folder; a cell the suite's ``exclude:`` block covers carries its reason."""
     out: list[Cell] = []
     seen: set[str] = set()
+    rules = exclusions(cfg.suite.get("exclude"))
     folder = f"paths.results_dir={quoted(Path(cfg.paths.results_dir).resolve())}"
     for ov in cells(cfg, passthrough):
         cell = resolve([*ov, folder])
         if cell.name not in seen:
             seen.add(cell.name)
-            out.append(cell)
+            why = why_excluded(cell, rules)
+            out.append(dataclasses.replace(cell, excluded=why) if why else cell)
     return out
 
 
@@ -111,7 +117,7 @@ def dry_run(cfg: DictConfig, passthrough: list[str]) -> str:
     for cell in grid:
         status = cell.status()
         counts[status] += 1
-        why = cell.gap if cell.gap else cell.weights_plan()
+        why = {"not applicable": cell.gap, "excluded": cell.excluded}.get(status) or cell.weights_plan()
         lines.append(f"{status:<15} {cell.name}  [{why}]")
     where = Path(cfg.paths.results_dir) / "runs"
     summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s])
@@ -138,6 +144,10 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
                 log.warning("%s no longer applies; its stored rows stay in %s until deleted", name, runs)
             report.inapplicable.append(name)
             continue
+        if status == "excluded":
+            log.info("not running %s: the suite excludes it (%s)", name, cell.excluded)
+            report.excluded[name] = str(cell.excluded)
+            continue
         lock = FileLock(str(locks / f"{name}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -146,7 +156,7 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             continue
         try:
             status = cell.status()  # again, under the lock: another process may have run it since
-            if status == "done":
+            if status in ("done", "excluded"):
                 report.skipped.append(name)
                 continue
             if status == "stale":

@@ -30,7 +30,7 @@ from .versions import as_version
 FOLLOW_KEYS = ("size", "n_train", "n_val", "n_test")
 
 #: what a cell's status can be (``Cell.status``)
-STATUSES = ("done", "stale", "to run", "not applicable")
+STATUSES = ("done", "stale", "to run", "excluded", "not applicable")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class Cell:
     #: why the method cannot run on this task, known from the configs alone; None when it can (the built method
     #: and task may still skip it, e.g. retrieval for a method without a text tower)
     gap: str | None = None
+    #: why the suite leaves this cell out on purpose (its ``exclude:`` block, ``coverage.py``); None when it runs
+    excluded: str | None = None
 
     @property
     def runs_dir(self) -> Path:
@@ -80,13 +82,15 @@ class Cell:
 
     def status(self) -> str:
         """``done`` (rows stored at the current versions), ``stale`` (stored at other versions: would re-run),
-        ``to run``, or ``not applicable`` (``gap``)."""
+        ``to run``, ``not applicable`` (``gap``), or ``excluded`` by its suite (not done there)."""
         if self.gap is not None:
             return "not applicable"
         stored = results.stored_versions(self.runs_dir, self.name)
-        if stored is None:
-            return "to run"
-        return "done" if stored == {self.versions} else "stale"
+        if stored is not None and stored == {self.versions}:
+            return "done"  # an excluded cell that was run anyway still counts
+        if self.excluded is not None:
+            return "excluded"
+        return "to run" if stored is None else "stale"
 
     def weights_plan(self) -> str:
         """Where the evaluated weights come from, in words."""
@@ -107,7 +111,11 @@ class Cell:
         """What ``--dry-run`` prints: the resolved cell, one fact a line."""
         mv, tv = self.versions
         status = self.status()
-        why = {"done": " (bench would skip it; run re-runs it)", "not applicable": f": {self.gap}"}
+        why = {
+            "done": " (bench would skip it; run re-runs it)",
+            "not applicable": f": {self.gap}",
+            "excluded": f" by the suite: {self.excluded}",
+        }
         lines = [
             f"cell         {self.name}",
             f"status       {status}{why.get(status, '')}",
@@ -157,8 +165,8 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
         weights, folder = "init", None
     else:
         weights, folder = "pretrain", checkpoint_dir(cfg)
-    gap = None
-    if not cfg.get("ckpt"):
+    gap = text_gap(kind, method_cls)
+    if gap is None and not cfg.get("ckpt"):
         gap = unmet_requirements(cfg.method, cfg.data or task.data) or channel_gap(cfg, method_cls)
     names = cfg.names
     return Cell(
@@ -181,6 +189,18 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
         results_dir=Path(str(cfg.paths.results_dir)),
         gap=gap,
     )
+
+
+#: task kinds that judge a joint image-text space
+JOINT_KINDS = ("retrieval", "zeroshot")
+
+
+def text_gap(kind: str, method_cls: Any) -> str | None:
+    """Why a retrieval or zero-shot task cannot judge the method: its class embeds no text at all (the run would
+    build it and skip, ``tasks.retrieval.text_tower_reason``); known from the class, so the plan says so."""
+    if kind in JOINT_KINDS and getattr(method_cls, "embed_text", Method.embed_text) is Method.embed_text:
+        return f"{method_cls.__name__} has no text tower (no joint image-text space)"
+    return None
 
 
 def channel_gap(cfg: DictConfig, method_cls: Any) -> str | None:

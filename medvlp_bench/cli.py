@@ -23,7 +23,7 @@ RESULTS_HELP = "results folder (default: $MEDBENCH_RESULTS, else $MEDBENCH_HOME/
 DRY_RUN_HELP = {
     "run": "print the resolved cell (weights: given, cached or to pre-train; corpus; rows) and exit",
     "pretrain": "print the checkpoint folder and whether it is cached, and exit",
-    "bench": "print every cell of the grid as done, stale, to run or not applicable, and exit",
+    "bench": "print every cell of the grid as done, stale, to run, excluded or not applicable, and exit",
 }
 
 
@@ -203,6 +203,7 @@ def cmd_bench(overrides: list[str], dry_run: bool = False) -> int:
     print(leaderboard_markdown(report.leaderboard))
     busy = f", {len(report.busy)} running in another process" if report.busy else ""
     na = f", {len(report.inapplicable)} not applicable (reasons in the log)" if report.inapplicable else ""
+    na += f", {len(report.excluded)} excluded by the suite (`exclude:`)" if report.excluded else ""
     stale = f" ({len(report.stale)} stale: stored at other method/task versions)" if report.stale else ""
     print(
         f"{len(report.done)} cells run{stale}, {len(report.skipped)} already done{busy}{na}, "

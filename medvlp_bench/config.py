@@ -7,6 +7,7 @@ directory. Errors name the bad key or option and list the valid ones, before any
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import os
 import re
@@ -125,8 +126,14 @@ def task_shortcuts() -> dict[str, str]:
 
     The main task of a dataset is, among the tasks whose ``defaults`` put that dataset at ``data``, the first by
     kind (classification, segmentation, retrieval, zero-shot), then by name. A name that is itself a task is
-    never a shortcut; a dataset that no task uses has none.
+    never a shortcut; a dataset that no task uses has none. Read once per state of the config files (every
+    ``compose`` asks, and a suite plan composes hundreds of cells).
     """
+    return dict(_task_shortcuts(configs_stamp()))
+
+
+@functools.cache
+def _task_shortcuts(_stamp: object) -> tuple[tuple[str, str], ...]:
     tasks = set(options("task"))
     found: dict[str, list[tuple[int, str]]] = {}
     for name in sorted(tasks):
@@ -137,7 +144,7 @@ def task_shortcuts() -> dict[str, str]:
         kind = task_kind(cfg.get("_target_"))
         rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
         found.setdefault(data, []).append((rank, name))
-    return {data: min(ranked)[1] for data, ranked in sorted(found.items())}
+    return tuple((data, min(ranked)[1]) for data, ranked in sorted(found.items()))
 
 
 def _expand_shortcuts(overrides: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import comparison, results, stats
+from . import comparison, coverage, results, stats
 from .atomic import atomic_write_bytes
 from .cli import RESULTS_HELP
 
@@ -222,11 +222,15 @@ def main_report(argv: Sequence[str]) -> int:
         except ValueError as e:  # ConfigError too: an unknown suite names the valid ones
             return _fail(str(e))
         df = comparison.table(res_dir, plan, scope, level=args.level, n_boot=args.n_boot, rows=rows)
-        extra = _comparison_section(df, plan, args.suite, args.level)
+        cov = suite_coverage(args.suite, res_dir)
+        extra = _comparison_section(df, plan, args.suite, args.level) + _coverage_section(cov, args.suite)
+        coverage_note = f"\n{args.suite}: {coverage.totals_line(cov)}; coverage.md lists the cells not run and why.\n"
         comparison_files = {
             "comparison.md": comparison.markdown(df, plan, args.level).encode("utf-8"),
-            "comparison_summary.md": comparison.summary_markdown(df, plan).encode("utf-8"),
+            "comparison_summary.md": (comparison.summary_markdown(df, plan) + coverage_note).encode("utf-8"),
             "comparison.csv": df.to_csv(index=False).encode("utf-8"),
+            "coverage.md": coverage.coverage_markdown(cov, args.suite).encode("utf-8"),
+            "coverage.csv": cov.to_csv(index=False).encode("utf-8"),
         }
     files = render(rows, res_dir, args.baseline, args.level, args.n_boot, extra)  # everything in memory first
     files |= comparison_files
@@ -268,6 +272,26 @@ def _paired_section(done: list[dict], skipped: list[str], baseline: str, level: 
     )
     table = _table(header, body) if body else '<p class="note">No paired comparison could be computed.</p>'
     return intro + table + "".join(f'<p class="note">{_e(why)}</p>' for why in skipped)
+
+
+def suite_coverage(suite: str, res_dir: Path) -> pd.DataFrame:
+    """The suite's grid planned against ``res_dir`` (``bench.plan``, no work) and counted by ``coverage``."""
+    from .bench import compose_bench, plan
+    from .config import quoted
+
+    cfg, passthrough = compose_bench([f"suite={suite}", f"paths.results_dir={quoted(res_dir.resolve())}"])
+    return coverage.coverage(plan(cfg, passthrough))
+
+
+def _coverage_section(cov: pd.DataFrame, suite: str) -> str:
+    """Which cells of the suite are done, and why the others are not (``coverage.md`` as HTML)."""
+    cols = [s for s in coverage.COUNTS if cov[s].sum()]
+    body = [[("", _e(r["task"])), ("", _e(r["method"])), *[("num", _e(r[c])) for c in cols], ("", _e(r["why"]))]
+            for r in cov.to_dict("records") if r["done"] != r["planned"]]  # fmt: skip
+    out = f'<h2 id="coverage">Coverage of suite {_e(suite)}</h2><p>{_e(coverage.totals_line(cov))}.'
+    if not body:
+        return out + " Every cell is done.</p>"
+    return out + " The (task, method) pairs not complete:</p>" + _table(["task", "method", *cols, "why not run"], body)
 
 
 def _comparison_section(df: pd.DataFrame, plan: comparison.ComparisonPlan, suite: str, level: float) -> str:

@@ -111,8 +111,11 @@ def test_bench_dry_run_lists_the_grid_with_status(workdir: Path, capsys: pytest.
     ov = ["suite=smoke", "suite.methods=[scratch,brainmvp]", "suite.tasks=[phantom_cxr_cls,phantom_cxr_retrieval]"]
     assert main(["bench", *ov, "suite.seeds=[0]", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].endswith("cells in " + str(workdir / "results" / "runs") + ": 2 to run, 2 not applicable")
+    assert out[-1].endswith("cells in " + str(workdir / "results" / "runs") + ": 1 to run, 3 not applicable")
     assert any(line.startswith("not applicable") and "brainmvp" in line for line in out)
+    # a method without a text tower cannot be judged by retrieval: known from its class, before any run
+    scratch_retrieval = next(line for line in out if "phantom_cxr_retrieval__scratch__" in line)
+    assert scratch_retrieval.startswith("not applicable") and "Scratch has no text tower" in scratch_retrieval
     assert not (workdir / "results" / "runs").exists()
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from test_report import FRACTIONS, TASK, write_results
 
-from medvlp_bench import comparison, stats
+from medvlp_bench import comparison, coverage, stats
 from medvlp_bench.comparison import ComparisonPlan, SuiteScope
 from medvlp_bench.report import main_report
 
@@ -112,9 +112,31 @@ def test_each_twin_is_its_methods_encoder_untrained(suite: str) -> None:
         assert encoders[0] == encoders[1], f"{suite}: {method} and its twin {twin} differ: {encoders}"
 
 
-def test_report_writes_the_suite_table(folder: Path, tmp_path: Path) -> None:
+#: a user suite (MEDBENCH_CONFIG_PATH) over the folder's task, with a zero-shot task and a fourth seed that
+#: have no results: its coverage must say which cells are missing and why
+SMALL_SUITE = f"""
+methods: [scratch, clip]
+tasks: [{TASK}, phantom_cxr_zeroshot]
+seeds: [0, 1, 2, 3]
+label_fractions: [0.1, 1.0]
+protocols: null
+tiny: false
+exclude:
+  - tasks: [phantom_cxr_zeroshot]
+    why: not in this test's budget
+comparison: {{reference: clip, twin: scratch}}
+"""
+
+
+def test_report_writes_the_suite_table_and_its_coverage(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = tmp_path / "user"
+    (user / "suite").mkdir(parents=True)
+    (user / "suite" / "cmp_small.yaml").write_text(SMALL_SUITE)
+    monkeypatch.setenv("MEDBENCH_CONFIG_PATH", str(user))
     out = tmp_path / "rep"
-    assert main_report(["--results", str(folder), "--suite", "methods_cpu", "--out", str(out), "--n-boot", "100"]) == 0
+    assert main_report(["--results", str(folder), "--suite", "cmp_small", "--out", str(out), "--n-boot", "100"]) == 0
     md = (out / "comparison.md").read_text()
     csv = pd.read_csv(out / "comparison.csv")
     assert set(csv["method"]) == {"clip", "scratch"}  # the suite's methods only: good, scratch_big are not in it
@@ -126,8 +148,25 @@ def test_report_writes_the_suite_table(folder: Path, tmp_path: Path) -> None:
     lb = csv.set_index(["method", "label_fraction"])
     twin_mean, diff = lb.loc[("scratch", 0.1), "mean"], lb.loc[("clip", 0.1), "diff_twin"]
     assert any("| 10% | clip |" in line and f"`scratch` {twin_mean:.3f}; {diff:+.3f} [" in line for line in clip)
+    # coverage: per method 8 classification cells (4 seeds x 2 fractions), 6 with results at some version (done
+    # or stale: the folder's rows carry version 1), 2 to run; clip's zero-shot cells excluded, scratch's n/a
+    cov = pd.read_csv(out / "coverage.csv").set_index(["task", "method"])
+    for method in ("scratch", "clip"):
+        got = cov.loc[(TASK, method)]
+        assert (got["planned"], got["done"] + got["stale"], got["to run"]) == (8, 6, 2)
+    assert (cov.loc[("phantom_cxr_zeroshot", "clip"), ["excluded", "why"]] == [4, "not in this test's budget"]).all()
+    assert cov.loc[("phantom_cxr_zeroshot", "scratch"), "not applicable"] == 4
+    assert (
+        summary[-1]
+        == "cmp_small: 24 cells: "
+        + ", ".join(f"{int(cov[s].sum())} {s}" for s in coverage.COUNTS if cov[s].sum())
+        + "; coverage.md lists the cells not run and why."
+    )
+    cov_md = (out / "coverage.md").read_text()
+    assert "| phantom_cxr_zeroshot | clip |" in cov_md and "not in this test's budget" in cov_md
     page = (out / "index.html").read_text()
     assert 'id="comparison"' in page and "higher is better" in page and "Δ vs clip [95% CI]" in page
+    assert 'id="coverage"' in page and "not in this test&#x27;s budget" in page
 
 
 def test_report_names_an_unknown_suite(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
