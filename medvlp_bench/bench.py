@@ -146,6 +146,8 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             continue
         if status == "excluded":
             log.info("not running %s: the suite excludes it (%s)", name, cell.excluded)
+            if results.stored_versions(runs, name) is not None:
+                log.warning("%s is excluded; its rows at other versions stay in %s until deleted", name, runs)
             report.excluded[name] = str(cell.excluded)
             continue
         lock = FileLock(str(locks / f"{name}.lock"))
@@ -156,7 +158,7 @@ def bench(cfg: DictConfig, passthrough: list[str]) -> BenchReport:
             continue
         try:
             status = cell.status()  # again, under the lock: another process may have run it since
-            if status in ("done", "excluded"):
+            if status == "done":
                 report.skipped.append(name)
                 continue
             if status == "stale":

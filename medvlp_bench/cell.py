@@ -165,9 +165,10 @@ def _cell(cfg: DictConfig, overrides: list[str]) -> Cell:
         weights, folder = "init", None
     else:
         weights, folder = "pretrain", checkpoint_dir(cfg)
-    gap = text_gap(kind, method_cls)
-    if gap is None and not cfg.get("ckpt"):
-        gap = unmet_requirements(cfg.method, cfg.data or task.data) or channel_gap(cfg, method_cls)
+    gap = None
+    if not cfg.get("ckpt"):  # a given checkpoint brings its own method config (run.obtain_method)
+        gap = text_gap(kind, method_cls)
+        gap = gap or unmet_requirements(cfg.method, cfg.data or task.data) or channel_gap(cfg, method_cls)
     names = cfg.names
     return Cell(
         cfg=cfg,
@@ -198,7 +199,9 @@ JOINT_KINDS = ("retrieval", "zeroshot")
 def text_gap(kind: str, method_cls: Any) -> str | None:
     """Why a retrieval or zero-shot task cannot judge the method: its class embeds no text at all (the run would
     build it and skip, ``tasks.retrieval.text_tower_reason``); known from the class, so the plan says so."""
-    if kind in JOINT_KINDS and getattr(method_cls, "embed_text", Method.embed_text) is Method.embed_text:
+    if kind not in JOINT_KINDS or not (isinstance(method_cls, type) and issubclass(method_cls, Method)):
+        return None  # a factory ``_target_``: only the built method can say (the task's ``skip_reason``)
+    if method_cls.embed_text is Method.embed_text:
         return f"{method_cls.__name__} has no text tower (no joint image-text space)"
     return None
 

@@ -8,8 +8,9 @@ which its CPU budget cannot hold::
       - tasks: [phantom_ct_seg, phantom_mri_seg]
         why: "3D fine-tuning costs 30-60 min a cell on 2 CPU cores; run them with trainer=gpu"
 
-An entry matches a cell when every list it gives (``methods``, ``tasks``, ``seeds``) holds the cell's value;
-a list left out matches all. An excluded cell is planned like any other and shown with its reason
+An entry matches a cell when every list it gives (``methods``, ``tasks``, ``seeds``) holds the cell's value
+(a method by its config name, ``external``, or by its row label, ``external-<name>``); a list left out matches
+all. An excluded cell is planned like any other and shown with its reason
 (``--dry-run``: ``excluded  <cell>  [why]``), ``bench`` does not run it, and ``coverage`` counts it, beside the
 cells done, still to run and not applicable, per task and method. ``suite.exclude=[]`` runs them all.
 """
@@ -22,8 +23,9 @@ from typing import Any
 
 import pandas as pd
 
+from . import results
 from .cell import STATUSES, Cell
-from .config import options
+from .config import ConfigError, options
 
 #: the keys of one ``exclude:`` entry
 EXCLUDE_KEYS = ("methods", "tasks", "seeds", "why")
@@ -39,30 +41,34 @@ class Exclusion:
     seeds: frozenset[int] | None = None
 
     def matches(self, cell: Cell) -> bool:
-        return all(
-            allowed is None or value in allowed
-            for allowed, value in ((self.methods, cell.method), (self.tasks, cell.task), (self.seeds, cell.seed))
-        )
+        if self.methods is not None and not {cell.method, method_choice(cell)} & self.methods:
+            return False
+        return (self.tasks is None or cell.task in self.tasks) and (self.seeds is None or cell.seed in self.seeds)
+
+
+def method_choice(cell: Cell) -> str:
+    """The ``method=`` config a cell was composed with (its row label may differ: ``external-<name>``)."""
+    return next((o.partition("=")[2] for o in reversed(cell.overrides) if o.startswith("method=")), cell.method)
 
 
 def exclusions(entries: Any, where: str = "suite.exclude") -> list[Exclusion]:
     """Parse and check a suite's ``exclude:`` block: a list of mappings with a non-empty ``why``; unknown keys,
-    method or task names that do not exist, and seeds that are not integers are errors that name them."""
+    method or task names that do not exist, and seeds that are not integers are ``ConfigError``s naming them."""
     if entries is None:
         return []
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
-        raise ValueError(f"{where} must be a list of {{methods, tasks, seeds, why}} entries, got {entries!r}")
+    if hasattr(entries, "keys") or isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
+        raise ConfigError(f"{where} must be a list of {{methods, tasks, seeds, why}} entries, got {entries!r}")
     out = []
     for i, entry in enumerate(entries):
         at = f"{where}[{i}]"
         if not hasattr(entry, "keys"):
-            raise ValueError(f"{at} must be a mapping with keys {list(EXCLUDE_KEYS)}, got {entry!r}")
+            raise ConfigError(f"{at} must be a mapping with keys {list(EXCLUDE_KEYS)}, got {entry!r}")
         unknown = sorted(set(entry.keys()) - set(EXCLUDE_KEYS))
         if unknown:
-            raise ValueError(f"{at} has unknown keys {unknown}; allowed: {list(EXCLUDE_KEYS)}")
+            raise ConfigError(f"{at} has unknown keys {unknown}; allowed: {list(EXCLUDE_KEYS)}")
         why = entry.get("why")
         if not isinstance(why, str) or not why.strip():
-            raise ValueError(f"{at} needs a `why`: the reason its cells are not run, shown wherever they are counted")
+            raise ConfigError(f"{at} needs a `why`: the reason its cells are not run, shown wherever they are counted")
         out.append(
             Exclusion(
                 why=why.strip(),
@@ -78,9 +84,11 @@ def _names(values: Any, group: str, at: str) -> frozenset[str] | None:
     if values is None:
         return None
     names = [values] if isinstance(values, str) else [str(v) for v in values]
-    unknown = sorted(set(names) - set(options(group)))
+    known = set(options(group))
+    # an external model's rows carry ``external-<name>`` (``results.method_label``): accepted as a method name too
+    unknown = sorted(n for n in set(names) - known if not (group == "method" and n.startswith("external-")))
     if unknown:  # a name the suite does not run is fine ("suite.methods=[x]" narrows a suite); a typo is not
-        raise ValueError(f"{at} names {unknown}, not a {group}; allowed: {options(group)}")
+        raise ConfigError(f"{at} names {unknown}, not a {group}; allowed: {options(group)}")
     return frozenset(names)
 
 
@@ -89,7 +97,7 @@ def _seeds(values: Any, at: str) -> frozenset[int] | None:
         return None
     values = [values] if isinstance(values, int) else list(values)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{at} must be a list of integer seeds, got {values!r}")
+        raise ConfigError(f"{at} must be a list of integer seeds, got {values!r}")
     return frozenset(values)
 
 
@@ -111,6 +119,8 @@ def coverage(grid: list[Cell]) -> pd.DataFrame:
         status = cell.status()
         rec[status] = rec.get(status, 0) + 1
         reason = cell.excluded if status == "excluded" else cell.gap if status == "not applicable" else None
+        if status == "excluded" and results.stored_versions(cell.runs_dir, cell.name) is not None:
+            reason = f"{reason} (rows at other versions are stored, and the comparison table still reads them)"
         if reason and reason not in rec["why"]:
             rec["why"].append(reason)
     df = pd.DataFrame(list(rows.values()), columns=["task", "method", *COUNTS, "why"])

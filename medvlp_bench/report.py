@@ -199,7 +199,8 @@ def main_report(argv: Sequence[str]) -> int:
         default=None,
         help="also the suite's comparison table (each method against its own-encoder scratch and the reference, "
         "from the suite's `comparison:` block), into the page and as comparison.md/.csv "
-        "(and comparison_summary.md: one table of the pre-trained methods, the form the README quotes)",
+        "(and comparison_summary.md: one table of the pre-trained methods, the form the README quotes), and the "
+        "suite's coverage: the cells done, to run, excluded and not applicable, as coverage.md/.csv",
     )
     args = ap.parse_args(list(argv))
     if not 0 < args.level < 1:
@@ -222,7 +223,10 @@ def main_report(argv: Sequence[str]) -> int:
         except ValueError as e:  # ConfigError too: an unknown suite names the valid ones
             return _fail(str(e))
         df = comparison.table(res_dir, plan, scope, level=args.level, n_boot=args.n_boot, rows=rows)
-        cov = suite_coverage(args.suite, res_dir)
+        try:
+            cov = suite_coverage(args.suite, res_dir)
+        except ValueError as e:  # a bad `exclude:` block, or a cell the configs refuse: named, before any file
+            return _fail(f"suite {args.suite}: {e}")
         extra = _comparison_section(df, plan, args.suite, args.level) + _coverage_section(cov, args.suite)
         coverage_note = f"\n{args.suite}: {coverage.totals_line(cov)}; coverage.md lists the cells not run and why.\n"
         comparison_files = {

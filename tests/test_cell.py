@@ -116,6 +116,18 @@ def test_bench_dry_run_lists_the_grid_with_status(workdir: Path, capsys: pytest.
     # a method without a text tower cannot be judged by retrieval: known from its class, before any run
     scratch_retrieval = next(line for line in out if "phantom_cxr_retrieval__scratch__" in line)
     assert scratch_retrieval.startswith("not applicable") and "Scratch has no text tower" in scratch_retrieval
+
+
+def test_the_text_tower_gap_is_decided_only_for_a_method_class_without_a_checkpoint(workdir: Path) -> None:
+    from medvlp_bench.cell import text_gap
+    from medvlp_bench.methods.clip import CLIP
+    from medvlp_bench.methods.scratch import Scratch
+
+    assert text_gap("retrieval", Scratch) == "Scratch has no text tower (no joint image-text space)"
+    assert text_gap("zeroshot", CLIP) is None and text_gap("classification", Scratch) is None
+    assert text_gap("retrieval", lambda **kw: CLIP(**kw)) is None  # a factory: the built method decides
+    # ckpt= brings the checkpoint's own method config (e.g. a CLIP one): the named method's class does not decide
+    assert resolve(["method=scratch", "task=phantom_cxr_retrieval", f"ckpt={workdir}"]).gap is None
     assert not (workdir / "results" / "runs").exists()
 
 

@@ -101,3 +101,37 @@ def test_methods_small_leaves_out_only_segmentation_and_an_override_brings_it_ba
     assert rules[0].methods is None and rules[0].seeds is None and "GPU" in rules[0].why
     cfg, _ = compose_bench(["suite=methods_small", "suite.exclude=[]"])
     assert coverage.exclusions(cfg.suite.exclude) == []
+
+
+def test_an_excluded_cell_with_rows_at_other_versions_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Excluded wins over stale (bench does not re-run it), but its old rows still reach the comparison table, so
+    the coverage reason says they are there."""
+    cfg = _suite(tmp_path, methods=["scratch_swin"], seeds=[0], method_overrides={}, exclude=[{"why": "GPU only"}])
+    name = bench_mod.plan(cfg, [])[0].name
+    write_cell(tmp_path / "runs", name, [replace(ROW, method_version=Scratch.version - 1)])  # an older version
+    monkeypatch.setattr(bench_mod, "evaluate", lambda cell: pytest.fail(f"ran the excluded {cell.name}"))
+    assert bench_mod.bench(cfg, []).excluded == {name: "GPU only"}
+    why = coverage.coverage(bench_mod.plan(cfg, []))["why"].item()
+    assert why.startswith("GPU only (rows at other versions are stored")
+
+
+def test_an_exclusion_names_a_method_by_its_config_or_its_row_label(tmp_path: Path) -> None:
+    cfg = _suite(tmp_path, methods=["scratch_swin"], seeds=[0], method_overrides={})
+    cell = bench_mod.plan(cfg, [])[0]
+    external = replace(cell, method="external-mine", overrides=("method=external", *cell.overrides[1:]))
+    for names in (["external"], ["external-mine"]):
+        (rule,) = coverage.exclusions([{"methods": names, "why": "x"}])
+        assert rule.matches(external) and not rule.matches(cell)
+
+
+def test_a_mapping_instead_of_a_list_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"suite.exclude must be a list of \{methods, tasks, seeds, why\} entries"):
+        coverage.exclusions({"tasks": ["phantom_ct_seg"], "why": "x"})
+
+
+def test_a_bad_exclude_on_the_command_line_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from medvlp_bench.cli import main
+
+    assert main(["bench", "suite=methods_small", "suite.exclude=[{task:[phantom_ct_seg],why:x}]", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "suite.exclude[0] has unknown keys ['task']" in err and "Traceback" not in err
