@@ -130,6 +130,11 @@ def coverage(grid: list[Cell]) -> pd.DataFrame:
     return df
 
 
+def is_complete(df: pd.DataFrame) -> pd.Series:
+    """Per (task, method): nothing left to run (every cell done, or one the method cannot do)."""
+    return df["done"] + df["not applicable"] == df["planned"]
+
+
 def totals_line(df: pd.DataFrame) -> str:
     """``360 cells: 150 done, 60 to run, 105 excluded, 45 not applicable``."""
     counts = ", ".join(f"{int(df[s].sum())} {s}" for s in COUNTS if df[s].sum())
@@ -137,12 +142,15 @@ def totals_line(df: pd.DataFrame) -> str:
 
 
 def coverage_markdown(df: pd.DataFrame, suite: str) -> str:
-    """The coverage table: every (task, method) of the suite whose cells are not all done, with the reason of
-    those not run; the fully done pairs are counted in the header line."""
+    """The coverage table: every (task, method) of the suite with cells still to run, stale or excluded, with the
+    reasons of those not run; the complete pairs (every cell done or not applicable) are counted in the header."""
     if df.empty:
         return f"Suite {suite}: no cells.\n"
-    complete = df["done"] == df["planned"]
-    head = f"Suite {suite}, {totals_line(df)}. {int(complete.sum())} of {len(df)} (task, method) pairs are complete"
+    complete = is_complete(df)
+    head = (
+        f"Suite {suite}, {totals_line(df)}. {int(complete.sum())} of {len(df)} (task, method) pairs are complete "
+        "(every cell done or not applicable)"
+    )
     open_ = df[~complete]
     if open_.empty:
         return head + ".\n"

@@ -291,11 +291,12 @@ def _coverage_section(cov: pd.DataFrame, suite: str) -> str:
     """Which cells of the suite are done, and why the others are not (``coverage.md`` as HTML)."""
     cols = [s for s in coverage.COUNTS if cov[s].sum()]
     body = [[("", _e(r["task"])), ("", _e(r["method"])), *[("num", _e(r[c])) for c in cols], ("", _e(r["why"]))]
-            for r in cov.to_dict("records") if r["done"] != r["planned"]]  # fmt: skip
+            for r, done in zip(cov.to_dict("records"), coverage.is_complete(cov), strict=True) if not done]  # fmt: skip
     out = f'<h2 id="coverage">Coverage of suite {_e(suite)}</h2><p>{_e(coverage.totals_line(cov))}.'
     if not body:
-        return out + " Every cell is done.</p>"
-    return out + " The (task, method) pairs not complete:</p>" + _table(["task", "method", *cols, "why not run"], body)
+        return out + " Every cell is done or not applicable.</p>"
+    table = _table(["task", "method", *cols, "why not run"], body)
+    return out + " The (task, method) pairs with cells not done:</p>" + table
 
 
 def _comparison_section(df: pd.DataFrame, plan: comparison.ComparisonPlan, suite: str, level: float) -> str:

@@ -164,6 +164,8 @@ def test_report_writes_the_suite_table_and_its_coverage(
     )
     cov_md = (out / "coverage.md").read_text()
     assert "| phantom_cxr_zeroshot | clip |" in cov_md and "not in this test's budget" in cov_md
+    assert "| phantom_cxr_zeroshot | scratch |" not in cov_md  # nothing to run there: complete, counted in the header
+    assert "1 of 4 (task, method) pairs are complete (every cell done or not applicable)" in cov_md
     page = (out / "index.html").read_text()
     assert 'id="comparison"' in page and "higher is better" in page and "Δ vs clip [95% CI]" in page
     assert 'id="coverage"' in page and "not in this test&#x27;s budget" in page

@@ -89,7 +89,7 @@ def test_excluded_cells_are_shown_with_their_reason_and_not_run(tmp_path: Path, 
          "not applicable": 0, "why": why, "planned": 3}
     ]  # fmt: skip
     md = coverage.coverage_markdown(cov, "hippocampus_cpu")
-    assert md.startswith("Suite hippocampus_cpu, 3 cells: 2 done, 1 excluded. 0 of 1 (task, method) pairs")
+    assert md.startswith("Suite hippocampus_cpu, 3 cells: 2 done, 1 excluded. 0 of 1 (task, method) pairs are complete")
     assert "| task | method | done | excluded | why not run |" in md
     assert f"| msd_hippocampus_seg | scratch_swin | 2 | 1 | {why} |" in md
 
