@@ -59,7 +59,7 @@ class Cell:
     checkpoint: Path | None
     results_dir: Path
     #: why the method cannot run on this task, known from the configs alone; None when it can (the built method
-    #: and task may still skip it, e.g. retrieval for a method without a text tower)
+    #: and task may still skip it, e.g. retrieval for an external model built without a text tower)
     gap: str | None = None
     #: why the suite leaves this cell out on purpose (its ``exclude:`` block, ``coverage.py``); None when it runs
     excluded: str | None = None
