@@ -135,6 +135,13 @@ def is_complete(df: pd.DataFrame) -> pd.Series:
     return df["done"] + df["not applicable"] == df["planned"]
 
 
+def open_pairs(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The (task, method) rows that are not complete, and the count columns those rows use: the one selection
+    that both the markdown table and the HTML report show."""
+    open_ = df[~is_complete(df)]
+    return open_, [s for s in COUNTS if open_[s].sum()]
+
+
 def totals_line(df: pd.DataFrame) -> str:
     """``360 cells: 150 done, 60 to run, 105 excluded, 45 not applicable``."""
     counts = ", ".join(f"{int(df[s].sum())} {s}" for s in COUNTS if df[s].sum())
@@ -146,15 +153,13 @@ def coverage_markdown(df: pd.DataFrame, suite: str) -> str:
     reasons of those not run; the complete pairs (every cell done or not applicable) are counted in the header."""
     if df.empty:
         return f"Suite {suite}: no cells.\n"
-    complete = is_complete(df)
+    open_, cols = open_pairs(df)
     head = (
-        f"Suite {suite}, {totals_line(df)}. {int(complete.sum())} of {len(df)} (task, method) pairs are complete "
+        f"Suite {suite}, {totals_line(df)}. {len(df) - len(open_)} of {len(df)} (task, method) pairs are complete "
         "(every cell done or not applicable)"
     )
-    open_ = df[~complete]
     if open_.empty:
         return head + ".\n"
-    cols = [s for s in COUNTS if open_[s].sum()]
     lines = [head + "; the others:\n", "| task | method | " + " | ".join(cols) + " | why not run |",
              "|---|---|" + "---|" * len(cols) + "---|"]  # fmt: skip
     for rec in open_.to_dict("records"):
