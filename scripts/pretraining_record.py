@@ -9,8 +9,9 @@ and writes, next to the rows, one line per checkpoint (method, corpus, seed, epo
     python scripts/pretraining_record.py --results results/methods_small [--cache cache/checkpoints]
 
 Writes ``<results>/pretraining.json`` (everything, curves included) and ``<results>/pretraining.md``
-atomically. A checkpoint no longer in the cache keeps its record from the previous ``pretraining.json``; a row
-whose checkpoint is in neither is listed as missing, not dropped.
+atomically. A checkpoint no longer in the cache keeps its record from the previous ``pretraining.json``; one in
+neither is recorded from the ``pretraining`` block its run files carry (final proxy, shift, wall time, no curve:
+the curve lives only in the checkpoint); a row whose checkpoint is in none of them is listed as missing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def records(results: Path, cache: Path) -> tuple[list[dict[str, Any]], list[str]
         sha = info.get("weights_sha256")
         if sha in wanted:
             found[sha] = {"checkpoint": folder.name, **{k: v for k, v in info.items() if k != "model"}}
-    for rec in _recorded(results):  # written earlier from a cache this machine no longer has
+    for rec in _recorded(results) + _from_run_files(results):  # the earlier record first: it keeps the curve
         sha = rec.get("weights_sha256")
         if sha in wanted and sha not in found:
             found[sha] = rec
@@ -56,6 +57,32 @@ def _recorded(results: Path) -> list[dict[str, Any]]:
         raise SystemExit(f"{path} is not a pretraining record ({err}); move it away to rebuild it") from err
 
 
+def _from_run_files(results: Path) -> list[dict[str, Any]]:
+    """One record per checkpoint from the ``pretraining`` block of the run files made from it: a lane on a machine
+    whose cache is gone still leaves its proof of learning (or not) in the committed rows, less the curve."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        payload = json.loads(path.read_text())
+        rows, info = payload.get("rows") or [], payload.get("pretraining") or {}
+        sha = next((r.get("ckpt_sha256") for r in rows if r.get("ckpt_sha256")), None)
+        if not sha or not info or sha in out:
+            continue
+        cfg = payload.get("config") or {}
+        pre = (cfg.get("method") or {}).get("pretrain") or {}
+        out[sha] = {
+            "checkpoint": "not in the cache (from the run files)",
+            "weights_sha256": sha,
+            "method": rows[0].get("method"),
+            "data": pre.get("data") or (cfg.get("data") or {}).get("name"),
+            "seed": cfg.get("seed", rows[0].get("seed")),
+            "epochs": pre.get("max_epochs"),
+            "steps": None,
+            "method_version": rows[0].get("method_version"),
+            **info,
+        }
+    return list(out.values())
+
+
 def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in values.items())
 
@@ -70,7 +97,7 @@ def markdown(recs: list[dict[str, Any]], missing: list[str]) -> str:
         minutes = f"{r['wall_time_s'] / 60:.1f}" if r.get("wall_time_s") is not None else "not recorded"
         shift = f"{r['encoder_shift']:.3f}" if r.get("encoder_shift") is not None else "—"
         lines.append(
-            f"| {r.get('method')} | {r.get('data')} | {r.get('seed')} | {r.get('epochs')} | {r.get('steps')} | "
+            f"| {r.get('method')} | {r.get('data')} | {r.get('seed')} | {r.get('epochs')} | {r.get('steps') or '—'} | "
             f"{minutes} | {shift} | {_fmt(p.get('values') or {})} | {_fmt(p.get('reference') or {})} | "
             f"{p.get('learned', '—')} |"
         )
@@ -81,6 +108,11 @@ def markdown(recs: list[dict[str, Any]], missing: list[str]) -> str:
             keys = [k for k in curve[0] if k != "epoch"]
             pts = "; ".join(f"{c['epoch']}: " + "/".join(f"{c[k]:.3f}" for k in keys) for c in curve)
             lines.append(f"- {r.get('method')} on {r.get('data')}, seed {r.get('seed')} ({'/'.join(keys)}): {pts}")
+        else:
+            lines.append(
+                f"- {r.get('method')} on {r.get('data')}, seed {r.get('seed')}: no curve (the checkpoint "
+                "left the cache before this record was written; its final proxy is in the rows)"
+            )
     if missing:
         lines += ["", f"Not in the cache ({len(missing)} checkpoints the rows name): " + ", ".join(missing)]
     return "\n".join(lines) + "\n"

@@ -59,6 +59,30 @@ def test_a_record_survives_its_checkpoint_leaving_the_cache(tmp_path: Path) -> N
     assert data == {"checkpoints": [old], "missing": []}
 
 
+def test_a_checkpoint_in_neither_cache_nor_record_is_recorded_from_its_run_files(tmp_path: Path) -> None:
+    """A lane whose machine (and cache) is gone: the rows' ``pretraining`` block is the record, less the curve."""
+    res = tmp_path / "results"
+    block = {"encoder_shift": 0.078, "wall_time_s": 1947.4,
+             "proxy": {"kind": "retrieval", "values": {"i2t_r10": 0.083}, "reference": {"chance_r10": 0.083},
+                       "learned": False}, "learned": False}  # fmt: skip
+    config = {"seed": 1, "data": {"name": "phantom_mri"}, "method": {"pretrain": {"max_epochs": 10}}}
+    for protocol in ("f0.01", "f0.1"):  # two cells from one checkpoint: one record
+        row = _row("gtgm", 0.1, 1, "auroc", 0.52, True)
+        row.ckpt_sha256 = "ccc"
+        write_cell(res / "runs", f"mri__{protocol}", [row], {"pretraining": block, "config": config})
+    unrelated = _row("scratch", 0.1, 1, "auroc", 0.5, True)  # no checkpoint, no pretraining block: no record
+    write_cell(res / "runs", "scratch", [unrelated])
+    assert _script().main(["--results", str(res), "--cache", str(tmp_path / "no-cache")]) == 0
+    data = json.loads((res / "pretraining.json").read_text())
+    (rec,) = data["checkpoints"]
+    assert data["missing"] == []
+    assert (rec["method"], rec["data"], rec["seed"], rec["epochs"]) == ("gtgm", "phantom_mri", 1, 10)
+    assert rec["proxy"]["learned"] is False and rec["weights_sha256"] == "ccc"
+    md = (res / "pretraining.md").read_text()
+    assert "| gtgm | phantom_mri | 1 | 10 | — | 32.5 | 0.078 | i2t_r10 0.083 | chance_r10 0.083 | False |" in md
+    assert "gtgm on phantom_mri, seed 1: no curve" in md
+
+
 def test_record_without_rows_says_what_to_run(tmp_path: Path, capsys) -> None:
     assert _script().main(["--results", str(tmp_path)]) == 2
     assert "medbench bench" in capsys.readouterr().err
