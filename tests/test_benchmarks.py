@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 from helpers import repo_root
@@ -48,3 +49,40 @@ def test_throughput_takes_a_size_per_kind_and_the_methods_own_batch(tmp_path: Pa
     assert cfg.data.size == 40 and dm.batch_size == int(own.batch_size) == int(cfg.method.pretrain.batch_size)
     args.batch = "4"
     assert mod._setup("clip", "ct", args)[2].batch_size == 4 and mod._setup("clip", "ct", args)[0].data.size == 32
+
+
+def _trainability():
+    spec = importlib.util.spec_from_file_location("trainability", repo_root() / "benchmarks" / "trainability.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trainability_base_rate_is_the_loss_of_predicting_label_frequencies() -> None:
+    import torch
+
+    mod = _trainability()
+    multi = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])  # prevalence 0.5 and 0.25
+    h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
+    assert math.isclose(mod.base_rate_loss(multi), (h(0.5) + h(0.25)) / 2, rel_tol=1e-6)
+    classes = torch.tensor([0, 0, 2, 2])  # class 1 never seen: two equally frequent classes, ln 2
+    assert math.isclose(mod.base_rate_loss(classes), math.log(2), rel_tol=1e-6)
+    # a head that predicts the frequencies exactly scores the base rate: the floor a blind encoder reaches
+    logit = torch.logit(multi.mean(0)).expand(4, 2)
+    assert math.isclose(float(mod._loss(logit, multi)), mod.base_rate_loss(multi), rel_tol=1e-5)
+
+
+def test_trainability_fits_and_writes_the_curve_beside_the_base_rate(tmp_path: Path, workdir) -> None:
+    import pytest
+
+    mod = _trainability()
+    args = ["--tiny", "--methods", "scratch,brainmvp", "--kinds", "cxr", "--n", "8", "--steps", "12", "--size", "32"]
+    assert mod.main([*args, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "trainability-cpu.json").read_text())
+    (row,) = data["rows"]  # brainmvp cannot take 2D X-rays: left out, not fitted
+    assert row["method"] == "scratch" and row["n"] == 8 and row["size"] == 32 and len(row["curve"]) == 12
+    assert row["loss_last"] < row["loss_first"]  # 8 images, 12 full-batch steps: a ResNet fits them
+    assert 0 < row["base_rate_loss"] < math.log(2) and row["feature_spread_across_images"] > 0
+    assert "| scratch | ResNetEncoder | cxr | 32 |" in (tmp_path / "trainability-cpu.md").read_text()
+    with pytest.raises(SystemExit):  # a bad kind is refused before any work
+        mod.main(["--kinds", "xray", "--out", str(tmp_path)])
