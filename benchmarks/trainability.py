@@ -11,8 +11,10 @@ recorded too (mean per-feature std over images, against the std of all values).
 
     python benchmarks/trainability.py --methods scratch,scratch_swin,scratch_vit --kinds cxr --n 64 --steps 60
 
-Writes ``<out>/trainability-<device>.json`` and ``.md`` atomically. Times depend on the machine's load; the losses
-do not (seeded, one thread or not).
+CPU only. Writes ``<out>/trainability-cpu.json`` and ``.md`` atomically (``<out>`` defaults to
+``results/benchmarks/trainability/lr<lr>``, so runs at two learning rates do not overwrite each other). Times depend
+on the machine's load; the losses are seeded (float reductions may still differ in the last digits with the
+thread count).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlp_bench.atomic import atomic_write_text
-from medvlp_bench.config import compose, instantiate, tiny_overrides, unmet_requirements
+from medvlp_bench.config import compose, instantiate, search_dirs, tiny_overrides, unmet_requirements
 from medvlp_bench.run import build_method
 
 
@@ -89,7 +91,9 @@ def fit(method: str, kind: str, args: argparse.Namespace) -> dict[str, Any] | No
         opt.zero_grad()
         loss.backward()
         opt.step()
-        curve.append(float(loss.detach()))
+        curve.append(float(loss.detach()))  # before this step's update: curve[0] scores the initialisation
+    with torch.no_grad():
+        final = float(_loss(head(encoder(image).pooled), label))  # after the last update
     return {
         "method": method,
         "encoder": type(encoder).__name__,
@@ -101,7 +105,7 @@ def fit(method: str, kind: str, args: argparse.Namespace) -> dict[str, Any] | No
         "steps": args.steps,
         "base_rate_loss": base_rate_loss(label),
         "loss_first": curve[0],
-        "loss_last": curve[-1],
+        "loss_final": final,
         "curve": curve,
         "feature_spread_across_images": spread[0],
         "feature_std_overall": spread[1],
@@ -114,7 +118,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Supervised full-batch fit of {meta['n']} labelled phantoms, AdamW lr {meta['lr']}, {meta['steps']} steps, "
         f"seed {meta['seed']}, {meta['device']} (`{meta['command']}`).",
         "",
-        "| method | encoder | kind | size | params | base-rate loss | loss, step 1 | loss, last step | "
+        "| method | encoder | kind | size | params | base-rate loss | loss at init | loss after the last step | "
         "loss every 10 steps | feature spread across images / overall std | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -122,7 +126,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         every = "/".join(f"{v:.3f}" for v in r["curve"][::10])
         lines.append(
             f"| {r['method']} | {r['encoder']} | {r['kind']} | {r['size']} | {r['params']:,} | "
-            f"{r['base_rate_loss']:.3f} | {r['loss_first']:.3f} | {r['loss_last']:.3f} | {every} | "
+            f"{r['base_rate_loss']:.3f} | {r['loss_first']:.3f} | {r['loss_final']:.3f} | {every} | "
             f"{r['feature_spread_across_images']:.3f} / {r['feature_std_overall']:.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -138,30 +142,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None, help="phantom size (default: the phantom's own)")
     ap.add_argument("--tiny", action="store_true", help="the methods' tiny overrides (smoke tests)")
-    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/trainability"))
+    ap.add_argument("--out", type=Path, default=None, help="default: results/benchmarks/trainability/lr<lr>")
     args = ap.parse_args(argv)
     if args.n < 2 or args.steps < 1 or not math.isfinite(args.lr) or args.lr <= 0:
         ap.error("--n must be >= 2, --steps >= 1 and --lr a positive number")
     kinds = [k for k in args.kinds.split(",") if k]
     if unknown := sorted(set(kinds) - {"cxr", "ct", "mri"}):
         ap.error(f"unknown phantom kind(s) {unknown}; allowed: cxr, ct, mri")
+    methods = [m for m in args.methods.split(",") if m]
+    known = sorted({p.stem for d in search_dirs() for p in (d / "method").glob("*.yaml")})
+    if not methods or (bad := sorted(set(methods) - set(known))):
+        ap.error(f"--methods: unknown or empty {methods if not methods else bad}; allowed: {', '.join(known)}")
+    out = args.out or Path("results/benchmarks/trainability") / f"lr{args.lr:g}"
     rows = []
-    for method in [m for m in args.methods.split(",") if m]:
+    for method in methods:
         for kind in kinds:
             row = fit(method, kind, args)
             if row is None:
                 print(f"{method} on {kind}: not applicable (its requirements are not met)", file=sys.stderr)
                 continue
-            print(f"{method} on {kind}: loss {row['loss_first']:.3f} -> {row['loss_last']:.3f} "
+            print(f"{method} on {kind}: loss {row['loss_first']:.3f} -> {row['loss_final']:.3f} "
                   f"(base rate {row['base_rate_loss']:.3f}) in {row['seconds']:.0f} s", flush=True)  # fmt: skip
             rows.append(row)
     meta = {"n": args.n, "lr": args.lr, "steps": args.steps, "seed": args.seed, "device": "cpu",
             "threads": torch.get_num_threads(), "command": "python benchmarks/trainability.py " + " ".join(
                 argv if argv is not None else sys.argv[1:])}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "trainability-cpu.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
-    atomic_write_text(args.out / "trainability-cpu.md", markdown(rows, meta))
-    print(f"wrote {args.out / 'trainability-cpu.md'}")
+    if not rows:  # nothing measured: keep whatever an earlier run wrote
+        print("no method applies to the kinds asked for: nothing written", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "trainability-cpu.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(out / "trainability-cpu.md", markdown(rows, meta))
+    print(f"wrote {out / 'trainability-cpu.md'}")
     return 0
 
 

@@ -26,6 +26,9 @@ from medvlp_bench.atomic import atomic_write_text
 from medvlp_bench.checkpoint import is_checkpoint, read_config
 from medvlp_bench.results import load_rows
 
+#: what ``checkpoint`` says of a record made from the rows' ``pretraining`` block (see ``_from_run_files``)
+FROM_RUNS = "not in the cache (from the run files)"
+
 
 def records(results: Path, cache: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The checkpoints behind ``results/runs`` (by weights sha256), and the sha256s the cache does not hold."""
@@ -37,11 +40,13 @@ def records(results: Path, cache: Path) -> tuple[list[dict[str, Any]], list[str]
         sha = info.get("weights_sha256")
         if sha in wanted:
             found[sha] = {"checkpoint": folder.name, **{k: v for k, v in info.items() if k != "model"}}
-    for rec in _recorded(results) + _from_run_files(results):  # the earlier record first: it keeps the curve
-        sha = rec.get("weights_sha256")
-        if sha in wanted and sha not in found:
-            found[sha] = rec
-    out = sorted(found.values(), key=lambda r: (str(r.get("method")), str(r.get("data")), int(r.get("seed", 0))))
+    for source in (_recorded, _from_run_files):  # the earlier record first: it keeps the curve
+        if wanted - set(found):
+            for rec in source(results):
+                sha = rec.get("weights_sha256")
+                if sha in wanted and sha not in found:
+                    found[sha] = rec
+    out = sorted(found.values(), key=lambda r: (str(r.get("method")), str(r.get("data")), str(r.get("seed"))))
     return out, sorted(wanted - set(found))
 
 
@@ -59,7 +64,9 @@ def _recorded(results: Path) -> list[dict[str, Any]]:
 
 def _from_run_files(results: Path) -> list[dict[str, Any]]:
     """One record per checkpoint from the ``pretraining`` block of the run files made from it: a lane on a machine
-    whose cache is gone still leaves its proof of learning (or not) in the committed rows, less the curve."""
+    whose cache is gone still leaves its proof of learning (or not) in the committed rows, less the curve. A cell
+    evaluated from ``ckpt=`` carries the checkpoint's block too, but its config is the evaluation's: corpus, seed and
+    epochs are then unknown (None), not guessed from the task."""
     out: dict[str, dict[str, Any]] = {}
     for path in sorted((results / "runs").glob("*.json")):
         payload = json.loads(path.read_text())
@@ -69,18 +76,23 @@ def _from_run_files(results: Path) -> list[dict[str, Any]]:
             continue
         cfg = payload.get("config") or {}
         pre = (cfg.get("method") or {}).get("pretrain") or {}
+        own = not cfg.get("ckpt")  # pre-trained by this grid (ckpt auto), so its config says how
         out[sha] = {
-            "checkpoint": "not in the cache (from the run files)",
+            "checkpoint": FROM_RUNS if own else f"ckpt={cfg['ckpt']} (from the run files)",
             "weights_sha256": sha,
             "method": rows[0].get("method"),
-            "data": pre.get("data") or (cfg.get("data") or {}).get("name"),
-            "seed": cfg.get("seed", rows[0].get("seed")),
-            "epochs": pre.get("max_epochs"),
+            "data": (pre.get("data") or (cfg.get("data") or {}).get("name")) if own else None,
+            "seed": cfg.get("seed", rows[0].get("seed")) if own else None,
+            "epochs": pre.get("max_epochs") if own else None,
             "steps": None,
             "method_version": rows[0].get("method_version"),
             **info,
         }
     return list(out.values())
+
+
+def _cell(value: Any) -> str:
+    return "—" if value is None else str(value)
 
 
 def _fmt(values: dict[str, float]) -> str:
@@ -97,7 +109,8 @@ def markdown(recs: list[dict[str, Any]], missing: list[str]) -> str:
         minutes = f"{r['wall_time_s'] / 60:.1f}" if r.get("wall_time_s") is not None else "not recorded"
         shift = f"{r['encoder_shift']:.3f}" if r.get("encoder_shift") is not None else "—"
         lines.append(
-            f"| {r.get('method')} | {r.get('data')} | {r.get('seed')} | {r.get('epochs')} | {r.get('steps') or '—'} | "
+            f"| {r.get('method')} | {_cell(r.get('data'))} | {_cell(r.get('seed'))} | {_cell(r.get('epochs'))} | "
+            f"{_cell(r.get('steps'))} | "
             f"{minutes} | {shift} | {_fmt(p.get('values') or {})} | {_fmt(p.get('reference') or {})} | "
             f"{p.get('learned', '—')} |"
         )
@@ -109,9 +122,13 @@ def markdown(recs: list[dict[str, Any]], missing: list[str]) -> str:
             pts = "; ".join(f"{c['epoch']}: " + "/".join(f"{c[k]:.3f}" for k in keys) for c in curve)
             lines.append(f"- {r.get('method')} on {r.get('data')}, seed {r.get('seed')} ({'/'.join(keys)}): {pts}")
         else:
+            why = (
+                "the checkpoint left the cache before this record was written; its final proxy is in the rows"
+                if str(r.get("checkpoint", "")).endswith("(from the run files)")
+                else "none recorded in the checkpoint"
+            )
             lines.append(
-                f"- {r.get('method')} on {r.get('data')}, seed {r.get('seed')}: no curve (the checkpoint "
-                "left the cache before this record was written; its final proxy is in the rows)"
+                f"- {r.get('method')} on {_cell(r.get('data'))}, seed {_cell(r.get('seed'))}: no curve ({why})"
             )
     if missing:
         lines += ["", f"Not in the cache ({len(missing)} checkpoints the rows name): " + ", ".join(missing)]

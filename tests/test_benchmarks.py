@@ -67,22 +67,36 @@ def test_trainability_base_rate_is_the_loss_of_predicting_label_frequencies() ->
     assert math.isclose(mod.base_rate_loss(multi), (h(0.5) + h(0.25)) / 2, rel_tol=1e-6)
     classes = torch.tensor([0, 0, 2, 2])  # class 1 never seen: two equally frequent classes, ln 2
     assert math.isclose(mod.base_rate_loss(classes), math.log(2), rel_tol=1e-6)
+    freq = torch.tensor([0.5, 1e-9, 0.5]).log().expand(4, 3)  # a head that predicts the class frequencies
+    assert math.isclose(float(mod._loss(freq, classes)), math.log(2), rel_tol=1e-5)
     # a head that predicts the frequencies exactly scores the base rate: the floor a blind encoder reaches
     logit = torch.logit(multi.mean(0)).expand(4, 2)
     assert math.isclose(float(mod._loss(logit, multi)), mod.base_rate_loss(multi), rel_tol=1e-5)
 
 
-def test_trainability_fits_and_writes_the_curve_beside_the_base_rate(tmp_path: Path, workdir) -> None:
+def test_trainability_fits_every_encoder_on_the_same_labels_and_scores_after_the_last_step(
+    tmp_path: Path, workdir
+) -> None:
+    mod = _trainability()
+    args = ["--tiny", "--methods", "scratch,scratch_swin", "--kinds", "cxr", "--n", "8", "--steps", "12"]
+    assert mod.main([*args, "--size", "32", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "trainability-cpu.json").read_text())
+    resnet, swin = data["rows"]
+    assert (resnet["method"], swin["method"]) == ("scratch", "scratch_swin") and resnet["encoder"] != swin["encoder"]
+    # the same images and labels for both: the same base rate, a fair comparison
+    assert resnet["n"] == swin["n"] == 8 and resnet["base_rate_loss"] == swin["base_rate_loss"] > 0
+    assert len(resnet["curve"]) == 12 and resnet["curve"][0] == resnet["loss_first"]
+    assert resnet["loss_final"] < resnet["curve"][-1] < resnet["loss_first"]  # 8 images, 12 steps: a ResNet fits
+    assert "| scratch | ResNetEncoder | cxr | 32 |" in (tmp_path / "trainability-cpu.md").read_text()
+
+
+def test_trainability_refuses_bad_input_and_writes_nothing_when_nothing_applies(tmp_path: Path, workdir) -> None:
     import pytest
 
     mod = _trainability()
-    args = ["--tiny", "--methods", "scratch,brainmvp", "--kinds", "cxr", "--n", "8", "--steps", "12", "--size", "32"]
-    assert mod.main([*args, "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "trainability-cpu.json").read_text())
-    (row,) = data["rows"]  # brainmvp cannot take 2D X-rays: left out, not fitted
-    assert row["method"] == "scratch" and row["n"] == 8 and row["size"] == 32 and len(row["curve"]) == 12
-    assert row["loss_last"] < row["loss_first"]  # 8 images, 12 full-batch steps: a ResNet fits them
-    assert 0 < row["base_rate_loss"] < math.log(2) and row["feature_spread_across_images"] > 0
-    assert "| scratch | ResNetEncoder | cxr | 32 |" in (tmp_path / "trainability-cpu.md").read_text()
-    with pytest.raises(SystemExit):  # a bad kind is refused before any work
-        mod.main(["--kinds", "xray", "--out", str(tmp_path)])
+    for bad in (["--kinds", "xray"], ["--methods", "clipp"], ["--n", "1"]):
+        with pytest.raises(SystemExit):  # before any work
+            mod.main([*bad, "--out", str(tmp_path)])
+    # brainmvp cannot take 2D X-rays: no row, so no file (an earlier run's results are not overwritten)
+    assert mod.main(["--tiny", "--methods", "brainmvp", "--kinds", "cxr", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "trainability-cpu.json").exists()

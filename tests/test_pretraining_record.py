@@ -80,7 +80,28 @@ def test_a_checkpoint_in_neither_cache_nor_record_is_recorded_from_its_run_files
     assert rec["proxy"]["learned"] is False and rec["weights_sha256"] == "ccc"
     md = (res / "pretraining.md").read_text()
     assert "| gtgm | phantom_mri | 1 | 10 | — | 32.5 | 0.078 | i2t_r10 0.083 | chance_r10 0.083 | False |" in md
-    assert "gtgm on phantom_mri, seed 1: no curve" in md
+    assert "gtgm on phantom_mri, seed 1: no curve (the checkpoint left the cache" in md
+
+
+def test_run_files_never_override_a_better_record_and_do_not_guess_a_given_checkpoints_corpus(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    block = {"proxy": {"values": {"i2t_r10": 0.5}, "learned": True}, "learned": True}
+    own = {"seed": 2, "data": {"name": "phantom_cxr"}, "method": {"pretrain": {"max_epochs": 10}}}
+    given = {**own, "ckpt": "/models/clip_release"}  # evaluated from a checkpoint this grid did not train
+    for name, sha, cfg in (("kept", "aaa", own), ("given", "ddd", given)):
+        row = _row("clip", 0.1, 2, "auroc", 0.7, True)
+        row.ckpt_sha256 = sha
+        write_cell(res / "runs", name, [row], {"pretraining": block, "config": cfg})
+    curve = [{"epoch": -1, "i2t_r10": 0.03}, {"epoch": 9, "i2t_r10": 0.5}]
+    old = {"checkpoint": "clip_s2", "method": "clip", "data": "phantom_cxr", "seed": 2, "weights_sha256": "aaa",
+           "proxy": {"values": {"i2t_r10": 0.5}, "learned": True, "curve": curve}}  # fmt: skip
+    (res / "pretraining.json").write_text(json.dumps({"checkpoints": [old], "missing": []}))
+    assert _script().main(["--results", str(res), "--cache", str(tmp_path / "none")]) == 0
+    recs = {r["weights_sha256"]: r for r in json.loads((res / "pretraining.json").read_text())["checkpoints"]}
+    assert recs["aaa"] == old  # the earlier record, with its curve, wins over the rows' block
+    assert recs["ddd"]["checkpoint"] == "ckpt=/models/clip_release (from the run files)"
+    assert (recs["ddd"]["data"], recs["ddd"]["seed"], recs["ddd"]["epochs"]) == (None, None, None)
+    assert "| clip | — | — | — | — |" in (res / "pretraining.md").read_text()
 
 
 def test_record_without_rows_says_what_to_run(tmp_path: Path, capsys) -> None:
