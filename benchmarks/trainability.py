@@ -53,14 +53,14 @@ def _loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, label.long())
 
 
-def _batch(method: str, kind: str, args: argparse.Namespace) -> tuple[Any, dict] | None:
-    """The method's image encoder and ``n`` labelled training images of ``kind``; None when it cannot take them."""
+def _batch(method: str, kind: str, args: argparse.Namespace) -> tuple[Any, dict] | str:
+    """The method's image encoder and ``n`` labelled training images of ``kind``, or why it cannot take them."""
     ov = [f"method={method}", f"data=phantom_{kind}", f"data.n_train={args.n}", "data.n_val=8", "data.n_test=8"]
     ov += ["logger=none"] + (tiny_overrides(method) if args.tiny else [])
     ov += [f"data.size={args.size}"] if args.size else []
     cfg = compose("pretrain", ov)
-    if unmet_requirements(cfg.method, cfg.data) is not None:
-        return None
+    if (why := unmet_requirements(cfg.method, cfg.data)) is not None:
+        return str(why)
     L.seed_everything(args.seed, verbose=False)
     encoder = build_method(cfg).image_encoder
     dm = instantiate(cfg.data, batch_size=args.n, tokenizer=None)
@@ -69,11 +69,12 @@ def _batch(method: str, kind: str, args: argparse.Namespace) -> tuple[Any, dict]
     return encoder, {"image": batch["image"], "label": batch["label"], "size": int(cfg.data.size)}
 
 
-def fit(method: str, kind: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Fit encoder + linear head full-batch; the loss curve, the base rate and the features' spread at init."""
+def fit(method: str, kind: str, args: argparse.Namespace) -> dict[str, Any] | str:
+    """Fit encoder + linear head full-batch: the loss curve, the base rate and the features' spread at init; or
+    why the method cannot take this kind of phantom."""
     got = _batch(method, kind, args)
-    if got is None:
-        return None
+    if isinstance(got, str):
+        return got
     encoder, batch = got
     image, label = batch["image"], batch["label"]
     n_out = label.shape[1] if label.dtype.is_floating_point else int(label.max()) + 1
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         for kind in kinds:
             row = fit(method, kind, args)
-            if row is None:
-                print(f"{method} on {kind}: not applicable (its requirements are not met)", file=sys.stderr)
+            if isinstance(row, str):
+                print(f"{method} on {kind}: not applicable: {row}", file=sys.stderr)
                 continue
             print(f"{method} on {kind}: loss {row['loss_first']:.3f} -> {row['loss_final']:.3f} "
                   f"(base rate {row['base_rate_loss']:.3f}) in {row['seconds']:.0f} s", flush=True)  # fmt: skip

@@ -90,7 +90,9 @@ def test_trainability_fits_every_encoder_on_the_same_labels_and_scores_after_the
     assert "| scratch | ResNetEncoder | cxr | 32 |" in (tmp_path / "trainability-cpu.md").read_text()
 
 
-def test_trainability_refuses_bad_input_and_writes_nothing_when_nothing_applies(tmp_path: Path, workdir) -> None:
+def test_trainability_refuses_bad_input_and_writes_nothing_when_nothing_applies(
+    tmp_path: Path, workdir, capsys
+) -> None:
     import pytest
 
     mod = _trainability()
@@ -100,3 +102,4 @@ def test_trainability_refuses_bad_input_and_writes_nothing_when_nothing_applies(
     # brainmvp cannot take 2D X-rays: no row, so no file (an earlier run's results are not overwritten)
     assert mod.main(["--tiny", "--methods", "brainmvp", "--kinds", "cxr", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "trainability-cpu.json").exists()
+    assert "brainmvp on cxr: not applicable: " in capsys.readouterr().err  # with the method's own reason
