@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlp_bench.atomic import atomic_write_text
-from medvlp_bench.config import compose, instantiate, search_dirs, tiny_overrides, unmet_requirements
+from medvlp_bench.config import compose, instantiate, options, tiny_overrides, unmet_requirements
 from medvlp_bench.run import build_method
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(kinds) - {"cxr", "ct", "mri"}):
         ap.error(f"unknown phantom kind(s) {unknown}; allowed: cxr, ct, mri")
     methods = [m for m in args.methods.split(",") if m]
-    known = sorted({p.stem for d in search_dirs() for p in (d / "method").glob("*.yaml")})
+    known = options("method")
     if not methods or (bad := sorted(set(methods) - set(known))):
         ap.error(f"--methods: unknown or empty {methods if not methods else bad}; allowed: {', '.join(known)}")
     out = args.out or Path("results/benchmarks/trainability") / f"lr{args.lr:g}"

@@ -26,8 +26,8 @@ from medvlp_bench.atomic import atomic_write_text
 from medvlp_bench.checkpoint import is_checkpoint, read_config
 from medvlp_bench.results import load_rows
 
-#: what ``checkpoint`` says of a record made from the rows' ``pretraining`` block (see ``_from_run_files``)
-FROM_RUNS = "not in the cache (from the run files)"
+#: how ``checkpoint`` ends for a record made from the rows' ``pretraining`` block (see ``_from_run_files``)
+FROM_RUNS = "(from the run files)"
 
 
 def records(results: Path, cache: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -78,7 +78,7 @@ def _from_run_files(results: Path) -> list[dict[str, Any]]:
         pre = (cfg.get("method") or {}).get("pretrain") or {}
         own = not cfg.get("ckpt")  # pre-trained by this grid (ckpt auto), so its config says how
         out[sha] = {
-            "checkpoint": FROM_RUNS if own else f"ckpt={cfg['ckpt']} (from the run files)",
+            "checkpoint": f"{'not in the cache' if own else 'ckpt=' + str(cfg['ckpt'])} {FROM_RUNS}",
             "weights_sha256": sha,
             "method": rows[0].get("method"),
             "data": (pre.get("data") or (cfg.get("data") or {}).get("name")) if own else None,
@@ -124,7 +124,7 @@ def markdown(recs: list[dict[str, Any]], missing: list[str]) -> str:
         else:
             why = (
                 "the checkpoint left the cache before this record was written; its final proxy is in the rows"
-                if str(r.get("checkpoint", "")).endswith("(from the run files)")
+                if str(r.get("checkpoint", "")).endswith(FROM_RUNS)
                 else "none recorded in the checkpoint"
             )
             lines.append(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 #: overrides that make any phantom run take seconds: tiny data, tiny encoders, one epoch, no logger
 TINY = [
@@ -24,6 +26,15 @@ def tiny_data(prefix: str = "task.data") -> list[str]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str) -> ModuleType:
+    """A repository script (``scripts/...``, ``benchmarks/...``: not part of the package) imported as a module."""
+    path = repo_root() / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def shared_data() -> Path:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
-from helpers import repo_root
+from helpers import load_script
 
 
 def test_throughput_script_writes_json_and_markdown(tmp_path: Path, workdir) -> None:
-    spec = importlib.util.spec_from_file_location("throughput", repo_root() / "benchmarks" / "throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/throughput.py")
     args = ["--tiny", "--methods", "clip,brainmvp", "--kinds", "cxr", "--steps", "2", "--warmup", "1"]
     assert mod.main([*args, "--n-train", "32", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "throughput-cpu.json").read_text())
@@ -31,9 +28,7 @@ def test_throughput_takes_a_size_per_kind_and_the_methods_own_batch(tmp_path: Pa
 
     from medvlp_bench.config import compose
 
-    spec = importlib.util.spec_from_file_location("throughput", repo_root() / "benchmarks" / "throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/throughput.py")
     assert mod.parse_sizes("cxr=24, ct=16") == {"cxr": 24, "ct": 16} and mod.parse_sizes("32") == {"*": 32}
     with pytest.raises(argparse.ArgumentTypeError, match="kind=N"):
         mod.parse_sizes("cxr=big")
@@ -52,10 +47,7 @@ def test_throughput_takes_a_size_per_kind_and_the_methods_own_batch(tmp_path: Pa
 
 
 def _trainability():
-    spec = importlib.util.spec_from_file_location("trainability", repo_root() / "benchmarks" / "trainability.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/trainability.py")
 
 
 def test_trainability_base_rate_is_the_loss_of_predicting_label_frequencies() -> None:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from helpers import repo_root
+from helpers import load_script
 from test_report import _row
 
 from medvlp_bench.results import write_cell
 
 
 def _script():
-    path = repo_root() / "scripts" / "pretraining_record.py"
-    spec = importlib.util.spec_from_file_location("pretraining_record", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/pretraining_record.py")
 
 
 def test_record_joins_rows_to_checkpoints_and_names_the_missing(tmp_path: Path) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 
 import numpy as np
 import pytest
-from helpers import repo_root, shared_data
+from helpers import load_script, shared_data
 
 from medvlp_bench.config import ConfigError
 from medvlp_bench.datasets import phantom_ct, phantom_cxr, phantom_mri
@@ -178,10 +177,7 @@ def test_bad_configuration_names_the_problem() -> None:
 
 
 def _measure_module():
-    spec = importlib.util.spec_from_file_location("measure_labeler", repo_root() / "scripts" / "measure_labeler.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/measure_labeler.py")
 
 
 def test_agreement_with_iu_xray_mesh_tags() -> None:
